@@ -1,0 +1,105 @@
+"""Inference cost, counted and timed: multiply-adds of what actually ran, parameters, throughput."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .hydranet import HydraNet
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def count_macs(fn: Callable[..., Any] | nn.Module, *inputs: torch.Tensor, batch_size: int | None = None,
+               **kwargs) -> float:
+    """Multiply-adds per image of one call ``fn(*inputs, **kwargs)``: FLOPs counted by PyTorch / 2 / batch."""
+    batch_size = batch_size or inputs[0].shape[0]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn(*inputs, **kwargs)
+    return counter.get_total_flops() / 2 / batch_size
+
+
+def model_macs(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 32, seed: int = 0,
+               inputs: torch.Tensor | None = None, **forward_kwargs) -> float:
+    """MACs per image of ``model`` in eval mode, averaged over a batch (random or given inputs)."""
+    was_training = model.training
+    model.eval()
+    if inputs is None:
+        g = torch.Generator().manual_seed(seed)
+        inputs = torch.randn((batch_size, *input_size), generator=g)
+    try:
+        return count_macs(model, inputs.to(_module_device(model)), **forward_kwargs)
+    finally:
+        model.train(was_training)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def active_params(model: nn.Module, k: int | None = None) -> int:
+    """Parameters used per image: for a HydraNet, stem + gate + k branches + classifier."""
+    if not isinstance(model, HydraNet):
+        return count_params(model)
+    k = model.topk if k is None else k
+    per_branch = count_params(model.branches[0])
+    return count_params(model) - (model.num_branches - k) * per_branch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tuple[int, ...],
+                  batch_size: int, repeats: int = 10, warmup: int = 2, min_time: float = 0.05,
+                  autocast: torch.dtype | None = None, channels_last: bool = True) -> dict[str, dict]:
+    """Images/s of several models, timed side by side in interleaved rounds; medians over ``repeats``.
+
+    ``candidates`` maps a name to ``(model, forward_kwargs)``. Each round times every candidate once,
+    so load on a shared machine falls on all of them alike. A timing runs the forward enough times
+    to last ``min_time`` seconds.
+    """
+    g = torch.Generator().manual_seed(0)
+    x_cpu = torch.randn((batch_size, *input_size), generator=g)
+    prepared = {}
+    for name, (model, kwargs) in candidates.items():
+        model.eval()
+        device = _module_device(model)
+        x = x_cpu.to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        prepared[name] = (model, kwargs, x, device)
+    amp = (lambda d: torch.autocast(d.type, dtype=autocast)) if autocast else (lambda d: nullcontext())
+
+    def run(model, kwargs, x, device, n):
+        with torch.inference_mode(), amp(device):
+            t = time.perf_counter()
+            for _ in range(n):
+                model(x, **kwargs)
+            _sync(device)
+            return time.perf_counter() - t
+
+    calls = {}
+    for name, (model, kwargs, x, device) in prepared.items():
+        for _ in range(warmup):
+            run(model, kwargs, x, device, 1)
+        one = max(run(model, kwargs, x, device, 1), 1e-6)
+        calls[name] = max(1, int(min_time / one))
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for _ in range(repeats):
+        for name, (model, kwargs, x, device) in prepared.items():
+            n = calls[name]
+            times[name].append(run(model, kwargs, x, device, n) / n)
+    return {name: {"batch_size": batch_size, "median_s": statistics.median(ts),
+                   "images_per_s": batch_size / statistics.median(ts),
+                   "latency_ms": 1000 * statistics.median(ts)} for name, ts in times.items()}

@@ -1,0 +1,191 @@
+"""The HydraNet template: stem -> gate picks top-k of B branches -> those branches -> combiner -> classifier.
+
+One template for every backbone family: it splits any :class:`~hydranets.models.Backbone` at a stage
+and rebuilds the stages after the split as B narrower branches and one narrow gate.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import HydraError
+from .models.backbone import Backbone, build_stages, check_input, init_weights
+from .partition import Partition, as_partition
+from .registry import create_model, register_model
+from .routing import dispatch, run_all, topk_route
+
+ROUTINGS = ("soft", "topk")
+
+
+class HydraOutput(NamedTuple):
+    logits: torch.Tensor
+    gate_logits: torch.Tensor
+    route: torch.Tensor | None
+
+
+def _head(stages: list[nn.Module], final: nn.Module, channels: int, out: int) -> nn.Sequential:
+    return nn.Sequential(*stages, final, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out))
+
+
+class HydraNet(nn.Module):
+    """A wide network of B class-specialised branches of which only ``topk`` run per image.
+
+    ``forward(x)`` returns class logits. Routing is ``"soft"`` (every branch, weighted by the gate;
+    the default in ``train()``) or ``"topk"`` (only each image's top-k branches run; the default in
+    ``eval()``). ``route`` forces the branches per image (e.g. the true subtask while training).
+    """
+
+    def __init__(self, stem: nn.Module, branches: Sequence[nn.Module], gate: nn.Module, classifier: nn.Linear,
+                 topk: int, in_chans: int = 3, partition: Partition | None = None,
+                 gate_weighting: str = "sigmoid", train_routing: str = "soft") -> None:
+        super().__init__()
+        self.stem = stem
+        self.branches = nn.ModuleList(branches)
+        self.gate = gate
+        self.classifier = classifier
+        self.in_chans = in_chans
+        self.num_features = classifier.in_features
+        self.num_classes = classifier.out_features
+        if gate_weighting not in ("sigmoid", "softmax"):
+            raise HydraError(f"gate_weighting must be 'sigmoid' or 'softmax', got {gate_weighting!r}")
+        self.gate_weighting = gate_weighting
+        self.train_routing = _check_routing(train_routing)
+        self.topk = topk
+        self.partition = partition
+        membership = partition.membership() if partition is not None else torch.zeros(0, len(branches))
+        self.register_buffer("membership", membership)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    @property
+    def topk(self) -> int:
+        return self._topk
+
+    @topk.setter
+    def topk(self, k: int) -> None:
+        self._topk = _check_topk(k, self.num_branches)
+
+    def set_partition(self, partition: Partition | Sequence[Sequence[int]]) -> None:
+        """Attach the subtasks (the gate's targets); B must equal the number of subsets."""
+        p = as_partition(partition, self.num_classes)
+        if p.num_subsets != self.num_branches:
+            raise HydraError(f"partition has {p.num_subsets} subsets but the model has {self.num_branches} branches")
+        self.partition = p
+        self.membership = p.membership().to(self.membership.device)
+
+    def gate_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N, B) 0/1 subtask membership of each label: the gate's training target."""
+        if self.membership.numel() == 0:
+            raise HydraError("this HydraNet has no partition; build it with partition=... or call set_partition")
+        return self.membership[labels]
+
+    def _weights(self, gate_logits: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
+        scores = gate_logits if route is None else gate_logits.gather(1, route)
+        return scores.sigmoid() if self.gate_weighting == "sigmoid" else scores.softmax(1)
+
+    def forward(self, x: torch.Tensor, routing: str | None = None, topk: int | None = None,
+                route: torch.Tensor | None = None, return_gate: bool = False) -> torch.Tensor | HydraOutput:
+        check_input(x, self.in_chans)
+        feats = self.stem(x)
+        gate_logits = self.gate(feats)
+        routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
+        if route is None and routing == "topk":
+            k = self.topk if topk is None else _check_topk(topk, self.num_branches)
+            route = topk_route(gate_logits.detach(), k)
+        if route is None:
+            combined = run_all(feats, self.branches, self._weights(gate_logits, None))
+        else:
+            combined = dispatch(feats, self.branches, route, self._weights(gate_logits, route), self.num_features)
+        logits = self.classifier(combined)
+        return HydraOutput(logits, gate_logits, route) if return_gate else logits
+
+
+def _check_topk(k: int, num_branches: int) -> int:
+    if not isinstance(k, int) or not 1 <= k <= num_branches:
+        raise HydraError(f"topk must be an integer from 1 to the number of branches ({num_branches}), got {k!r}")
+    return k
+
+
+def _check_routing(routing: str) -> str:
+    if routing not in ROUTINGS:
+        raise HydraError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    return routing
+
+
+def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int = 8, topk: int = 2,
+                   split: int | None = None, stem_width: float = 1.0, branch_width: float = 0.5,
+                   gate_width: float = 0.25, feature_dim: int | None = None,
+                   partition: Partition | Sequence[Sequence[int]] | None = None,
+                   gate_weighting: str = "sigmoid", train_routing: str = "soft", **backbone_kwargs) -> HydraNet:
+    """Turn a registered backbone into a HydraNet.
+
+    The stem is the backbone's stages before ``split`` (default: before the last stage) at
+    ``stem_width``; each of the ``num_branches`` branches is a copy of the stages from ``split`` on at
+    ``branch_width``, pooled and projected to ``feature_dim`` (default: the backbone's feature width);
+    the gate is a copy of those stages at ``gate_width`` with one score per branch. Widths are
+    multipliers of the backbone's own.
+    """
+    if isinstance(backbone, str):
+        backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
+    if not isinstance(backbone, Backbone):
+        raise HydraError(f"build_hydranet needs a staged Backbone, got {type(backbone).__name__}")
+    if not isinstance(num_branches, int) or num_branches < 1:
+        raise HydraError(f"num_branches must be a positive integer, got {num_branches!r}")
+    if num_branches > num_classes:
+        raise HydraError(f"num_branches ({num_branches}) exceeds the number of classes ({num_classes}); "
+                         "each branch needs at least one class")
+    _check_topk(topk, num_branches)
+    plan, n = backbone.plan, backbone.plan.num_stages
+    split = n - 1 if split is None else split
+    if not 1 <= split < n:
+        raise HydraError(f"split must be a stage index from 1 to {n - 1} for this backbone, got {split}")
+    for name, w in (("stem_width", stem_width), ("branch_width", branch_width), ("gate_width", gate_width)):
+        if not w > 0:
+            raise HydraError(f"{name} must be positive, got {w}")
+    feature_dim = feature_dim or backbone.num_features
+    p = as_partition(partition, num_classes) if partition is not None else None
+    if p is not None and p.num_subsets != num_branches:
+        raise HydraError(f"partition has {p.num_subsets} subsets but num_branches is {num_branches}")
+
+    stem_stages, stem_ch = build_stages(plan, 0, split, plan.in_chans, stem_width)
+    branches = []
+    for _ in range(num_branches):
+        stages, ch = build_stages(plan, split, n, stem_ch, branch_width)
+        branches.append(_head(stages, plan.build_final(ch), ch, feature_dim))
+    gate_stages, gate_ch = build_stages(plan, split, n, stem_ch, gate_width)
+    gate = _head(gate_stages, plan.build_final(gate_ch), gate_ch, num_branches)
+    model = HydraNet(nn.Sequential(*stem_stages), branches, gate, nn.Linear(feature_dim, num_classes), topk,
+                     plan.in_chans, p, gate_weighting, train_routing)
+    init_weights(model)
+    return model
+
+
+def _preset(backbone: str, num_branches: int, topk: int, **defaults):
+    def factory(num_classes: int = 100, **kwargs) -> HydraNet:
+        return build_hydranet(backbone, num_classes, **{"num_branches": num_branches, "topk": topk,
+                                                        **defaults, **kwargs})
+    return factory
+
+
+def _register_presets() -> None:
+    presets = {
+        "hydra_resnet20_b8k2": ("resnet20", 8, 2, {}),
+        "hydra_resnet20_b4k1": ("resnet20", 4, 1, {}),
+        "hydra_resnet56_b8k2": ("resnet56", 8, 2, {}),
+        "hydra_resnet110_b8k2": ("resnet110", 8, 2, {}),
+        "hydra_resnet18_b8k2": ("resnet18", 8, 2, {"branch_width": 0.25, "gate_width": 0.125}),
+        "hydra_densenet_bc_100_k12_b8k2": ("densenet_bc_100_k12", 8, 2, {}),
+        "hydra_ressep_b8k2": ("ressep", 8, 2, {"stem_width": 0.5, "branch_width": 0.125, "gate_width": 0.125}),
+    }
+    for name, (backbone, b, k, kw) in presets.items():
+        fn = _preset(backbone, b, k, **kw)
+        fn.__name__ = name
+        fn.__doc__ = f"HydraNet on {backbone}: B={b} branches, top-{k} at inference."
+        register_model(fn)
+
+
+_register_presets()

@@ -1,0 +1,49 @@
+"""Conditional execution: run each branch only on the images routed to it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+def topk_route(gate_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) indices of the k highest-scoring branches per image."""
+    return gate_logits.topk(k, dim=1).indices
+
+
+def dispatch(x: torch.Tensor, branches: Sequence[nn.Module], route: torch.Tensor, weight: torch.Tensor,
+             out_features: int) -> torch.Tensor:
+    """Sum of ``weight * branch(x)`` over each image's routed branches, running each branch once.
+
+    Images are grouped by branch (an index gather that keeps channels_last), each branch runs on its group only, and the outputs
+    are scattered back (index_add). A branch with no images does not run. ``route`` and ``weight``
+    are (N, k); the result is (N, out_features).
+    """
+    n, k = route.shape
+    flat_branch = route.reshape(-1)
+    flat_image = torch.arange(n, device=x.device).repeat_interleave(k)
+    flat_weight = weight.reshape(-1)
+    order = torch.argsort(flat_branch, stable=True)
+    counts = torch.bincount(flat_branch, minlength=len(branches)).tolist()
+    images, weights = flat_image[order], flat_weight[order]
+    out = None
+    start = 0
+    for b, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = images[start:start + count]
+        y = branches[b](x[rows]) * weights[start:start + count, None].to(x.dtype)
+        out = x.new_zeros(n, out_features, dtype=y.dtype) if out is None else out
+        out = out.index_add(0, rows, y)
+        start += count
+    return out if out is not None else x.new_zeros(n, out_features)
+
+
+def run_all(x: torch.Tensor, branches: Sequence[nn.Module], weight: torch.Tensor) -> torch.Tensor:
+    """Soft routing: every branch on every image, weighted by (N, B) ``weight`` and summed."""
+    out = None
+    for b, branch in enumerate(branches):
+        y = branch(x) * weight[:, b, None].to(x.dtype)
+        out = y if out is None else out + y
+    return out

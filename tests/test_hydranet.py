@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from hydranets import HydraError, HydraNet, Partition, build_hydranet, create_model
+from hydranets.cost import active_params, count_macs, count_params, model_macs
+
+B = 8
+
+
+@pytest.fixture
+def hydra() -> HydraNet:
+    torch.manual_seed(0)
+    model = build_hydranet("resnet20", num_classes=16, num_branches=B, topk=2)
+    for m in model.modules():  # non-trivial BN statistics, so eval differs from train
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_template_splits_before_last_stage(hydra):
+    assert len(hydra.stem) == 3 and len(hydra.branches) == B
+    assert hydra.branches[0][0][0].body[0][0].in_channels == 32   # stage 3 copy reads the stem's 32 channels
+    assert hydra.branches[0][-1].out_features == 64                # projection to a common feature size
+    assert hydra.gate[-1].out_features == B
+
+
+def test_topk_with_all_branches_equals_soft(hydra):
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hydra(x, routing="topk", topk=B), hydra(x, routing="soft"), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_equals_independent_computation(hydra):
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        out = hydra(x, routing="topk", topk=2)
+        for i in range(5):
+            feats = hydra.stem(x[i:i + 1])
+            scores = hydra.gate(feats)[0]
+            chosen = sorted(range(B), key=lambda b: -scores[b].item())[:2]
+            combined = sum(torch.sigmoid(scores[b]) * hydra.branches[b](feats)[0] for b in chosen)
+            torch.testing.assert_close(out[i], hydra.classifier(combined), rtol=1e-4, atol=1e-5)
+
+
+def test_each_branch_runs_once_on_only_its_images(hydra):
+    calls = {b: [] for b in range(B)}
+    for b, branch in enumerate(hydra.branches):
+        branch.register_forward_hook(lambda m, inp, out, b=b: calls[b].append(inp[0].shape[0]))
+    x = torch.randn(20, 3, 32, 32)
+    with torch.no_grad():
+        out = hydra(x, topk=2, return_gate=True)
+    counts = torch.bincount(out.route.reshape(-1), minlength=B).tolist()
+    assert out.route.shape == (20, 2)
+    for b in range(B):
+        assert calls[b] == ([counts[b]] if counts[b] else [])   # once with its images; never when empty
+    assert sum(sum(c) for c in calls.values()) == 40
+
+
+def test_forced_route_runs_those_branches(hydra):
+    route = torch.tensor([[3], [3], [5]])
+    calls = []
+    for b, branch in enumerate(hydra.branches):
+        branch.register_forward_hook(lambda m, inp, out, b=b: calls.append((b, inp[0].shape[0])))
+    with torch.no_grad():
+        hydra(torch.randn(3, 3, 32, 32), route=route)
+    assert calls == [(3, 2), (5, 1)]
+
+
+@pytest.mark.parametrize("k", range(1, B + 1))
+def test_topk_macs_are_stem_gate_k_branches_combiner(hydra, k):
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        feats = hydra.stem(x)
+        combined = torch.randn(8, hydra.num_features)
+    expected = (count_macs(hydra.stem, x) + count_macs(hydra.gate, feats)
+                + k * count_macs(hydra.branches[0], feats) + count_macs(hydra.classifier, combined))
+    measured = model_macs(hydra, (3, 32, 32), inputs=x, topk=k)
+    assert abs(measured - expected) / expected < 0.01
+
+
+def test_soft_routing_costs_all_branches(hydra):
+    soft = model_macs(hydra, (3, 32, 32), batch_size=4, routing="soft")
+    assert soft == pytest.approx(model_macs(hydra, (3, 32, 32), batch_size=4, topk=B), rel=1e-6)
+    branch = count_macs(hydra.branches[0], hydra.stem(torch.randn(4, 3, 32, 32)))
+    top1 = model_macs(hydra, (3, 32, 32), batch_size=4, topk=1)
+    assert soft - top1 == pytest.approx((B - 1) * branch, rel=1e-3)
+
+
+def test_default_routing_follows_mode(hydra):
+    x = torch.randn(4, 3, 32, 32)
+    assert hydra.train()(x, return_gate=True).route is None          # soft: no route
+    assert hydra.eval()(x, return_gate=True).route.shape == (4, 2)   # top-k
+    hydra.topk = 3
+    assert hydra(x, return_gate=True).route.shape == (4, 3)
+
+
+def test_active_params():
+    model = build_hydranet("resnet20", num_classes=10, num_branches=4, topk=1)
+    per_branch = count_params(model.branches[0])
+    assert active_params(model, 1) == count_params(model) - 3 * per_branch
+    assert active_params(model, 4) == count_params(model)
+
+
+def test_partition_gives_gate_targets():
+    p = Partition([[0, 2], [1, 3]], num_classes=4)
+    model = build_hydranet("resnet20", num_classes=4, num_branches=2, topk=1, partition=p)
+    assert model.gate_targets(torch.tensor([0, 1, 3])).tolist() == [[1, 0], [0, 1], [0, 1]]
+    assert "membership" in model.state_dict()
+
+
+def test_other_families_and_split():
+    dense = build_hydranet("densenet_bc_40_k12", num_classes=10, num_branches=4, topk=1)
+    assert dense(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    early = build_hydranet("resnet20", num_classes=10, num_branches=4, topk=2, split=2)
+    assert len(early.stem) == 2 and len(early.branches[0]) == 2 + 4
+    assert create_model("hydra_ressep_b8k2", num_classes=10)(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"topk": 9}, "topk must be an integer from 1 to the number of branches \\(8\\)"),
+    ({"topk": 0}, "topk must be"),
+    ({"num_branches": 20}, "exceeds the number of classes"),
+    ({"split": 4}, "split must be a stage index from 1 to 3"),
+    ({"partition": [[0, 1], [1, 2], [3, 4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]}, "more than one subset"),
+    ({"partition": [[c, c + 8] for c in range(4)]}, "leaves out"),
+    ({"partition": [[c, c + 4, c + 8, c + 12] for c in range(4)]}, "partition has 4 subsets but num_branches is 8"),
+    ({"partition": [[c] for c in range(8)]}, "leaves out 8 class"),
+    ({"partition": [[c, c + 8] for c in range(7)] + [[7, 15, 16]]}, "outside 0..15"),
+])
+def test_bad_settings_are_clear_errors(kwargs, match):
+    with pytest.raises(HydraError, match=match):
+        build_hydranet("resnet20", **{"num_classes": 16, "num_branches": 8, "topk": 2, **kwargs})
+
+
+def test_overlapping_partition_is_allowed_when_asked():
+    p = Partition([[0, 1, 2], [2, 3, 0]], num_classes=4, overlap=True)
+    model = build_hydranet("resnet20", num_classes=4, num_branches=2, topk=1, partition=p)
+    assert model.gate_targets(torch.tensor([0, 2])).tolist() == [[1, 1], [1, 1]]
+
+
+def test_topk_setter_and_routing_checked(hydra):
+    with pytest.raises(HydraError, match="topk must be"):
+        hydra.topk = 9
+    with pytest.raises(HydraError, match="routing must be one of soft, topk"):
+        hydra(torch.randn(1, 3, 32, 32), routing="dense")

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+from hydranets.errors import HydraError
+from hydranets.partition import (
+    Partition,
+    class_mean_outputs,
+    format_partition,
+    make_partition,
+    partition_kmeans,
+    partition_random,
+    partition_spectral,
+)
+
+
+def grouped_descriptors(groups: int = 4, per_group: int = 3, seed: int = 0) -> tuple[np.ndarray, list[set[int]]]:
+    """Classes in well-separated groups, shuffled so group members are not adjacent."""
+    rng = np.random.default_rng(seed)
+    n = groups * per_group
+    perm = rng.permutation(n)
+    group_of = np.empty(n, dtype=int)
+    group_of[perm] = np.repeat(np.arange(groups), per_group)
+    x = 10.0 * np.eye(groups)[group_of] + rng.normal(0, 0.2, (n, groups))
+    return x, [set(np.flatnonzero(group_of == g).tolist()) for g in range(groups)]
+
+
+def assert_disjoint_cover(p: Partition) -> None:
+    flat = [c for s in p.subsets for c in s]
+    assert sorted(flat) == list(range(p.num_classes))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_obvious_groups(seed):
+    x, groups = grouped_descriptors(seed=seed)
+    p = partition_kmeans(x, 4, seed=seed)
+    assert sorted(map(sorted, p.subsets)) == sorted(map(sorted, groups))
+    assert p.method == "kmeans" and p.meta["seeds"] == 10 and p.meta["inertia"] >= 0
+
+
+def test_kmeans_balanced_sizes_and_disjoint():
+    x = np.random.default_rng(0).random((10, 10))
+    p = partition_kmeans(x, 3)
+    assert sorted(len(s) for s in p.subsets) == [3, 3, 4]
+    assert_disjoint_cover(p)
+    assert p.membership().sum(1).tolist() == [1.0] * 10
+
+
+def test_kmeans_accepts_torch_and_is_deterministic():
+    x = np.random.default_rng(3).random((20, 20))
+    a = partition_kmeans(torch.tensor(x), 5, seed=7)
+    b = partition_kmeans(x, 5, seed=7)
+    assert a.subsets == b.subsets and sorted(map(len, a.subsets)) == [4] * 5
+
+
+def test_kmeans_overlap_every_class_twice():
+    x, groups = grouped_descriptors()
+    p = partition_kmeans(x, 4, overlap=True)
+    assert p.overlap
+    counts = p.membership().sum(1)
+    assert counts.tolist() == [2.0] * 12
+    for s in p.subsets:
+        assert len(set(s)) == len(s)
+        assert any(g <= set(s) for g in groups)
+
+
+def test_random_partition_deterministic_and_balanced():
+    a, b, c = partition_random(10, 3, seed=5), partition_random(10, 3, seed=5), partition_random(10, 3, seed=6)
+    assert a.subsets == b.subsets and a.subsets != c.subsets
+    assert [len(s) for s in a.subsets] == [4, 3, 3]
+    assert_disjoint_cover(a)
+
+
+def test_spectral_recovers_blocks():
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(12)
+    block = np.kron(np.eye(3), np.ones((4, 4))) * 5 + np.eye(12) * 80
+    confusion = block[np.ix_(perm, perm)] + rng.random((12, 12)) * 0.01
+    p = partition_spectral(confusion, 3)
+    groups = [set(np.flatnonzero(perm // 4 == g).tolist()) for g in range(3)]
+    assert sorted(map(sorted, p.subsets)) == sorted(map(sorted, groups))
+    assert p.method == "spectral"
+
+
+def test_class_mean_outputs_by_hand():
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    labels = np.array([0, 0, 1, 2])
+    d = class_mean_outputs(torch.tensor(probs), torch.tensor(labels), 3)
+    np.testing.assert_allclose(d, [[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+
+
+def test_make_partition_dispatch():
+    x, groups = grouped_descriptors()
+    assert make_partition("kmeans", num_subsets=4, descriptors=x).subsets == partition_kmeans(x, 4).subsets
+    assert make_partition("random", num_subsets=4, num_classes=12, seed=1).subsets == \
+        partition_random(12, 4, seed=1).subsets
+    conf = np.kron(np.eye(2), np.ones((3, 3)))
+    assert make_partition("spectral", num_subsets=2, confusion=conf).subsets == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: partition_kmeans(np.eye(3), 4), "between 1 and"),
+    (lambda: partition_random(5, 0), "between 1 and"),
+    (lambda: make_partition("kmeans", num_subsets=5, descriptors=np.eye(4)), "between 1 and"),
+    (lambda: make_partition("bogus", num_subsets=2, num_classes=4), "kmeans, spectral, random"),
+    (lambda: make_partition("kmeans", num_subsets=2), "needs descriptors"),
+    (lambda: class_mean_outputs(np.full((2, 3), 1 / 3), np.array([0, 2]), 3), r"class\(es\) \[1\] have no images"),
+    (lambda: class_mean_outputs(np.ones((2, 3)), np.array([0, 5]), 3), "labels must be"),
+    (lambda: partition_spectral(np.ones((3, 4)), 2), "square"),
+    (lambda: partition_random(4, 2, class_names=["a"]), "class names"),
+])
+def test_errors(call, match):
+    with pytest.raises(HydraError, match=match):
+        call()
+
+
+def test_save_load_round_trip_and_dataset_check(tmp_path):
+    names = [f"class{i}" for i in range(10)]
+    p = partition_kmeans(np.random.default_rng(0).random((10, 10)), 3, class_names=names)
+    path = tmp_path / "partition.json"
+    p.save(path)
+    q = Partition.load(path, expected_num_classes=10, expected_class_names=names)
+    assert (q.subsets, q.class_names, q.method, q.overlap, q.meta) == (p.subsets, names, "kmeans", False, p.meta)
+    with pytest.raises(HydraError, match="is for another data set"):
+        Partition.load(path, expected_num_classes=100)
+    with pytest.raises(HydraError, match="is for another data set"):
+        Partition.load(path, expected_class_names=names[::-1])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(HydraError, match="cannot read partition file"):
+        Partition.load(tmp_path / "bad.json")
+
+
+def test_format_partition():
+    p = Partition([[0, 2], [1]], 3, ["cat", "dog", "lynx"], method="kmeans")
+    text = format_partition(p)
+    lines = text.splitlines()
+    assert "2 subtasks over 3 classes" in lines[0]
+    assert lines[2].split() == ["0", "2", "cat,", "lynx"]
+    assert lines[3].split() == ["1", "1", "dog"]
+    assert "0, 1" in format_partition(Partition([[0, 1]], 2)).splitlines()[2]
