@@ -34,7 +34,8 @@ class HydraNet(nn.Module):
 
     ``forward(x)`` returns class logits. Routing is ``"soft"`` (every branch, weighted by the gate;
     the default in ``train()``) or ``"topk"`` (only each image's top-k branches run; the default in
-    ``eval()``). ``route`` forces the branches per image (e.g. the true subtask while training).
+    ``eval()``). ``route`` (N, k) sets the branches per image; ``force`` (N, B) 0/1 puts the marked
+    branches first in each image's top-k (e.g. the true subtask while training).
     """
 
     def __init__(self, stem: nn.Module, branches: Sequence[nn.Module], gate: nn.Module, classifier: nn.Linear,
@@ -88,14 +89,16 @@ class HydraNet(nn.Module):
         return scores.sigmoid() if self.gate_weighting == "sigmoid" else scores.softmax(1)
 
     def forward(self, x: torch.Tensor, routing: str | None = None, topk: int | None = None,
-                route: torch.Tensor | None = None, return_gate: bool = False) -> torch.Tensor | HydraOutput:
+                route: torch.Tensor | None = None, force: torch.Tensor | None = None,
+                return_gate: bool = False) -> torch.Tensor | HydraOutput:
         check_input(x, self.in_chans)
         feats = self.stem(x)
         gate_logits = self.gate(feats)
         routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
         if route is None and routing == "topk":
             k = self.topk if topk is None else _check_topk(topk, self.num_branches)
-            route = topk_route(gate_logits.detach(), k)
+            scores = gate_logits.detach().float()
+            route = topk_route(scores if force is None else scores + 1e4 * force, k)
         if route is None:
             combined = run_all(feats, self.branches, self._weights(gate_logits, None))
         else:

@@ -59,13 +59,16 @@ class Partition:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
+    def from_dict(cls, d: dict) -> "Partition":
+        return cls(d["subsets"], d["num_classes"], d.get("class_names"), d.get("method", "given"),
+                   d.get("overlap", False), d.get("meta", {}))
+
+    @classmethod
     def load(cls, path: str | Path, expected_num_classes: int | None = None,
              expected_class_names: Sequence[str] | None = None) -> "Partition":
         """Read a partition saved by :meth:`save`; with ``expected_*`` also check it is for this data set."""
         try:
-            d = json.loads(Path(path).read_text())
-            part = cls(d["subsets"], d["num_classes"], d.get("class_names"), d.get("method", "given"),
-                       d.get("overlap", False), d.get("meta", {}))
+            part = cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise HydraError(f"cannot read partition file {path}: {e}") from None
         if expected_num_classes is not None and part.num_classes != expected_num_classes:
@@ -331,7 +334,7 @@ def partition_random(num_classes: int, num_subsets: int, seed: int = 0,
 def make_partition(method: str, *, num_subsets: int, descriptors: "np.ndarray | torch.Tensor | None" = None,
                    confusion: "np.ndarray | torch.Tensor | None" = None, num_classes: int | None = None,
                    seed: int = 0, overlap: bool = False,
-                   class_names: Sequence[str] | None = None) -> Partition:
+                   class_names: Sequence[str] | None = None, seeds: int = 10) -> Partition:
     """Build subtasks by ``method`` ("kmeans" needs descriptors, "spectral" a confusion matrix, "random" neither)."""
     if method not in METHODS:
         raise HydraError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
@@ -341,11 +344,12 @@ def make_partition(method: str, *, num_subsets: int, descriptors: "np.ndarray | 
     if method == "kmeans":
         if descriptors is None:
             raise HydraError("partition method 'kmeans' needs descriptors (class_mean_outputs of a trained baseline)")
-        part = partition_kmeans(descriptors, num_subsets, seed=seed, overlap=overlap, class_names=class_names)
+        part = partition_kmeans(descriptors, num_subsets, seeds=seeds, seed=seed, overlap=overlap,
+                                class_names=class_names)
     elif method == "spectral":
         if confusion is None:
             raise HydraError("partition method 'spectral' needs a confusion matrix")
-        part = partition_spectral(confusion, num_subsets, seed=seed, class_names=class_names)
+        part = partition_spectral(confusion, num_subsets, seed=seed, class_names=class_names, seeds=seeds)
     else:
         n = num_classes
         for arr in given.values():

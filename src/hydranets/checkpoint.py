@@ -1,0 +1,76 @@
+"""Checkpoints that survive a crash: atomic writes, plain tensors (``weights_only=True``), safetensors export."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import HydraError
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint with ``weights_only=True``; a missing or damaged file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise HydraError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
+        raise HydraError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_info" not in ckpt:
+        raise HydraError(f"{path} is not a hydranets checkpoint (no 'model'/'model_info')")
+    return ckpt
+
+
+def check_compatible(info: dict, expected: dict, path: str | Path) -> None:
+    """Refuse a checkpoint made for another model or number of classes."""
+    for key in ("name", "num_classes", "in_chans", "hydra"):
+        if info.get(key) != expected.get(key):
+            raise HydraError(f"checkpoint {path} is for {key} {info.get(key)!r}, this run has {expected.get(key)!r}; "
+                             "point to a checkpoint of the same model, or start a new run")
+
+
+def load_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise HydraError(f"checkpoint {path} does not fit this model: {first[:160]}") from None
+
+
+def save_safetensors(model: nn.Module, path: str | Path, metadata: dict | None = None) -> None:
+    """Final weights as safetensors (metadata values stored as JSON strings)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise HydraError("saving safetensors needs the safetensors package: pip install 'hydranets[train]'") from None
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)

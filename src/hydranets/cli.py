@@ -1,0 +1,158 @@
+"""The ``hydranets`` command line: train, eval, partition, pipeline, report, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import HydraError
+
+
+def _config(args):
+    from .config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> None:
+    from .train import train
+    summary = train(_config(args), resume=args.resume, overwrite=args.overwrite)
+    if summary:
+        print(json.dumps(summary, indent=1))
+
+
+def cmd_pipeline(args) -> None:
+    from .pipeline import run_pipeline
+    run_pipeline(_config(args))
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .config import config_from_dict
+    from .cost import active_params, compare_speed, model_macs
+    from .data import BatchLoader
+    from .distributed import pick_device
+    from .hydranet import HydraNet
+    from .train import load_data, load_trained
+    device = pick_device(args.device)
+    model, ckpt = load_trained(args.run, device)
+    cfg = config_from_dict(ckpt["config"])
+    _, test_set = load_data(cfg)
+    batches = list(BatchLoader(test_set, args.batch_size, train=False, device=device, prefetch=False))
+    size = tuple(test_set.images.shape[1:])
+    hydra = isinstance(model, HydraNet)
+    ks = [int(k) for k in args.topk.split(",")] if args.topk else ([model.topk] if hydra else [None])
+    if not hydra and args.topk:
+        raise HydraError(f"{args.run} is a {ckpt['model_info']['name']} baseline; --topk is for HydraNets")
+    rows, candidates = [], {}
+    for k in ks:
+        kw = {"topk": k} if hydra else {}
+        ev = evaluate_quiet(model, batches, k, cfg.train.precision)
+        rows.append({"k": k, "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
+                     "macs": model_macs(model, size, **kw), "active_params": active_params(model, k)})
+        candidates[str(k)] = (model, kw)
+    speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
+                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None)
+    print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
+    print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'MMACs':>9}{'params(M)':>11}{'images/s':>10}")
+    for r, key in zip(rows, candidates):
+        r["images_per_s"] = speed[key]["images_per_s"]
+        recall = f"{r['gate_recall']:.1f}" if r["gate_recall"] is not None else "-"
+        print(f"{r['k'] or '-':>3}{r['top1']:>8.2f}{r['top5']:>8.2f}{recall:>13}{r['macs'] / 1e6:>9.2f}"
+              f"{r['active_params'] / 1e6:>11.3f}{r['images_per_s']:>10.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def evaluate_quiet(model, batches, k, precision):
+    from .evaluate import evaluate
+    return evaluate(model, batches, topk=k, precision=precision)
+
+
+def cmd_partition(args) -> None:
+    from .config import config_from_dict
+    from .partition import format_partition
+    from .pipeline import compute_partition
+    from .train import load_trained
+    _, ckpt = load_trained(args.run)
+    cfg = config_from_dict(ckpt["config"])
+    cfg.partition.method, cfg.partition.overlap, cfg.partition.seed = args.method, args.overlap, args.seed
+    out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else Path(args.run).parent.parent) \
+        / f"partition_{args.method}_b{args.branches}.json"
+    if out.exists() and not args.overwrite:
+        raise HydraError(f"{out} exists; pass --overwrite to replace it or --out elsewhere")
+    p = compute_partition(cfg, args.run, out, args.branches)
+    print(format_partition(p))
+    print(f"saved {out}")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+    print(write_report(args.run))
+
+
+def cmd_models(args) -> None:
+    from . import list_models
+    print("\n".join(list_models(args.pattern)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hydranets", description="HydraNets: train, evaluate and measure "
+                                 "networks of class-specialised branches.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 model.name=resnet32")
+
+    p = sub.add_parser("train", help="train a baseline or a HydraNet into a run folder")
+    with_config(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in the folder from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the folder")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("pipeline", help="baseline -> subtasks -> HydraNet -> evaluation -> report (resumable)")
+    with_config(p)
+    p.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("eval", help="accuracy, gate recall, MACs/image and images/s of a trained model")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--topk", help="comma-separated k to sweep for a HydraNet, e.g. 1,2,4")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--speed-batch", type=int, default=256, help="batch size for images/s")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("partition", help="subtasks from a trained baseline run")
+    p.add_argument("run", help="baseline run folder or checkpoint")
+    p.add_argument("--branches", "-B", type=int, required=True, help="number of subtasks")
+    p.add_argument("--method", default="kmeans", choices=["kmeans", "spectral", "random"])
+    p.add_argument("--overlap", action="store_true", help="each class also joins its second-nearest subtask")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON file (default: beside the run)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_partition)
+
+    p = sub.add_parser("report", help="plots and a self-contained report.html for a pipeline folder")
+    p.add_argument("run")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("models", help="list registered model names")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.set_defaults(fn=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except HydraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,237 @@
+"""Run configuration: typed sections, read from YAML, overridden with ``key=value`` on the command line."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HydraError
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"          # cifar10 | cifar100 | tiny-imagenet | fashion-mnist | synthetic
+    root: str | None = None              # local copy (folder or archive); default: the data set's usual place
+    classes: int | None = None           # first N classes only (canonical order)
+    download: bool = False
+    cache_dir: str | None = None
+    augment: str = "crop_flip"           # crop_flip | none
+    cutout: int = 0                      # side of the square cut out of each training image (0: off)
+    mixup: float = 0.0                   # Beta(alpha, alpha) mixup of training batches (0: off)
+    train_subset: int | None = None      # use only this many training images (quick runs)
+    test_subset: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"               # any name from hydranets.list_models()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class HydraConfig:
+    """Set ``enabled`` to turn ``model.name`` (a backbone) into a HydraNet."""
+
+    enabled: bool = False
+    num_branches: int = 8
+    topk: int = 2
+    split: int | None = None
+    stem_width: float = 1.0
+    branch_width: float = 0.5
+    gate_width: float = 0.25
+    feature_dim: int | None = None
+    gate_weighting: str = "sigmoid"      # sigmoid | softmax
+    partition: str | None = None         # partition JSON (hydranets partition); needed when gate_loss > 0
+    gate_loss: float = 1.0               # lambda: weight of the gate's BCE against subtask membership
+    routing: str = "topk"                # soft | topk | oracle: routing while training (evaluation is top-k)
+    oracle_epochs: float = 0.0           # route by the true subtask at first, annealed to the gate over these epochs
+    init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None           # baseline run folder or checkpoint to distil from
+    weight: float = 0.0                  # share of the loss given to matching the teacher
+    temperature: float = 4.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                    # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"           # onecycle | cosine | constant
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128                # global batch, split over processes
+    accum_steps: int = 1                 # micro-batches per step (same global batch, less memory)
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    precision: str = "bf16"              # bf16 | fp32 | fp16 (fp16: CUDA, with a grad scaler)
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0                     # CPU threads (0: PyTorch's default)
+    eval_batch_size: int = 256
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class PartitionConfig:
+    method: str = "kmeans"               # kmeans (the paper's) | spectral | random
+    seeds: int = 10                      # k-means restarts
+    overlap: bool = False                # each class also joins its second-nearest subtask
+    seed: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    hydra_epochs: int | None = None      # epochs for the HydraNet (default: train.epochs)
+    init_stem: bool = True               # start the HydraNet's stem from the trained baseline
+    distill: float = 0.0                 # weight of distillation from the baseline (0: off)
+    speed_batch: int = 256               # batch size for the measured images/s
+    speed_repeats: int = 5
+
+
+@dataclass
+class Config:
+    out: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hydra: HydraConfig = field(default_factory=HydraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.augment": ("crop_flip", "none"),
+    "hydra.gate_weighting": ("sigmoid", "softmax"),
+    "hydra.routing": ("soft", "topk", "oracle"),
+    "optim.name": ("sgd", "adamw"),
+    "partition.method": ("kmeans", "spectral", "random"),
+    "optim.schedule": ("onecycle", "cosine", "constant"),
+    "train.precision": ("bf16", "fp32", "fp16"),
+}
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise HydraError("reading configs needs PyYAML: pip install 'hydranets[train]'") from None
+    return yaml
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if isinstance(annotation, type) and isinstance(value, annotation) and not (
+            annotation is int and isinstance(value, bool)):
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise HydraError(f"config key {key!r} must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            known = [f"{prefix}{n}" for n in fields]
+            close = difflib.get_close_matches(full, known, n=1)
+            raise HydraError(f"unknown config key {full!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                               f"; known keys: {', '.join(known)}"))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise HydraError(f"config key {full!r} is a section; give its keys, e.g. {full}.<key>=...")
+            _apply(current, value, f"{full}.")
+        else:
+            value = _check_type(full, value, hints[key])
+            if full in CHOICES and value not in CHOICES[full]:
+                raise HydraError(f"config key {full!r} must be one of {', '.join(CHOICES[full])}, got {value!r}")
+            setattr(obj, key, value)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.epochs=5", "model.name=resnet32"]`` -> nested dict; values are read as YAML scalars."""
+    yaml = _yaml()
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise HydraError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Defaults, then ``base``, then the YAML file, then ``key=value`` overrides; every key checked."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise HydraError(f"config file {path} does not exist")
+        try:
+            loaded = _yaml().safe_load(path.read_text()) or {}
+        except _yaml().YAMLError as e:
+            raise HydraError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise HydraError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(_yaml().safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,149 @@
+"""Image-folder data sets of any image size (e.g. ImageNet), decoded lazily in DataLoader workers.
+
+Crops are done with Pillow and the result is a uint8 CHW tensor, so no torchvision is needed;
+normalisation belongs on the device, after the batch has been moved there.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import HydraError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+RESIZE_RATIO = 256 / 224
+
+
+def _pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise HydraError("image folders need Pillow: pip install pillow") from None
+    return Image
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<split>/<class>/*.{jpg,jpeg,png}``: classes are the sorted sub-folder names.
+
+    Training items get a random-resized crop (scale 0.08-1, aspect 3/4-4/3) to ``image_size`` and a
+    random horizontal flip; test items are resized so the shorter side is ``image_size * 256/224`` and
+    centre-cropped. Items are ``(uint8 (3, image_size, image_size) tensor, label)``. Randomness comes
+    from torch's generator, which DataLoader seeds per worker.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", image_size: int = 224, train: bool | None = None,
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        folder = self.root / split
+        if not folder.is_dir():
+            raise HydraError(f"image folder {folder} not found; root= must hold {split}/<class>/<images>")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise HydraError(f"image_size must be a positive whole number, got {image_size!r}")
+        self.image_size = image_size
+        self.train = split == "train" if train is None else bool(train)
+        self.scale = scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if not self.classes:
+            raise HydraError(f"image folder {folder} has no class sub-folders; put images in {folder}/<class>/")
+        self.samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(self.classes):
+            files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            self.samples += [(p, label) for p in files]
+        if not self.samples:
+            raise HydraError(f"image folder {folder} holds no .jpg/.jpeg/.png images")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        image = _pil()
+        try:
+            with image.open(path) as im:
+                if not self.train:
+                    shorter = round(self.image_size * RESIZE_RATIO)
+                    factor = shorter / min(im.size)
+                    im.draft("RGB", (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor))))
+                im = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the file
+            raise HydraError(f"cannot decode image {path}: {type(e).__name__}: {e}; "
+                             "replace or delete the file") from None
+        out = self._train_crop(im) if self.train else self._test_crop(im)
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()), label
+
+    def _train_crop(self, im: Any) -> Any:
+        w, h = im.size
+        area = w * h
+        box = None
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(*self.scale))
+            aspect = math.exp(float(torch.empty(1).uniform_(*self.log_ratio)))
+            cw = round(math.sqrt(target * aspect))
+            ch = round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (1,)))
+                left = int(torch.randint(0, w - cw + 1, (1,)))
+                box = (left, top, left + cw, top + ch)
+                break
+        if box is None:
+            lo, hi = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+            if w / h < lo:
+                cw, ch = w, round(w / lo)
+            elif w / h > hi:
+                cw, ch = round(h * hi), h
+            else:
+                cw, ch = w, h
+            left, top = (w - cw) // 2, (h - ch) // 2
+            box = (left, top, left + cw, top + ch)
+        image = _pil()
+        out = im.resize((self.image_size, self.image_size), image.Resampling.BILINEAR, box=box)
+        if bool(torch.randint(0, 2, (1,))):
+            out = out.transpose(image.Transpose.FLIP_LEFT_RIGHT)
+        return out
+
+    def _test_crop(self, im: Any) -> Any:
+        w, h = im.size
+        shorter = round(self.image_size * RESIZE_RATIO)
+        if w <= h:
+            nw, nh = shorter, max(shorter, round(h * shorter / w))
+        else:
+            nw, nh = max(shorter, round(w * shorter / h)), shorter
+        image = _pil()
+        im = im.resize((nw, nh), image.Resampling.BILINEAR)
+        left = (nw - self.image_size) // 2
+        top = (nh - self.image_size) // 2
+        return im.crop((left, top, left + self.image_size, top + self.image_size))
+
+
+def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image_size: int = 224, workers: int = 4,
+                            train: bool | None = None, seed: int = 0, drop_last: bool | None = None,
+                            pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader over an image folder yielding (uint8 (B, 3, S, S) images, int64 labels).
+
+    Decoding runs in ``workers`` processes. With ``world_size > 1`` a DistributedSampler shards the
+    data; call ``loader.sampler.set_epoch(epoch)`` each epoch then, as usual.
+    """
+    dataset = ImageFolderDataset(root, split, image_size, train)
+    shuffle = dataset.train
+    drop = dataset.train if drop_last is None else drop_last
+    generator = torch.Generator().manual_seed(int(seed))
+    sampler = None
+    if world_size > 1:
+        if not 0 <= rank < world_size:
+            raise HydraError(f"rank={rank} is invalid for world_size={world_size}; need 0 <= rank < world_size")
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                     drop_last=drop)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
+                      sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=drop,
+                      generator=generator, persistent_workers=workers > 0)

@@ -1,0 +1,72 @@
+"""Evaluation: top-1/top-5 and, for a HydraNet, how well the gate routes (recall@k, branch load)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .hydranet import HydraNet
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], topk: int | None = None,
+             precision: str = "fp32", collect_probs: bool = False) -> dict:
+    """Accuracy over ``batches``; for a HydraNet (top-k routing) also the gate's recall@k, the load on
+    each branch and the B x B matrix of true subtask vs chosen branch.
+
+    ``collect_probs`` also returns the softmax outputs and labels (for class descriptors).
+    """
+    was_training = model.training
+    model.eval()
+    hydra = model if isinstance(model, HydraNet) else None
+    correct1 = correct5 = total = 0
+    recall_hits = 0
+    load = matrix = None
+    probs, labels = [], []
+    device = next(model.parameters()).device
+    for x, y in batches:
+        with autocast_for(device, precision):
+            if hydra is not None:
+                out = hydra(x, routing="topk", topk=topk, return_gate=True)
+                logits, route = out.logits, out.route
+            else:
+                logits, route = model(x), None
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top5[:, 0] == y).sum().item()
+        correct5 += (top5 == y[:, None]).any(1).sum().item()
+        total += y.numel()
+        if collect_probs:
+            probs.append(logits.softmax(1).cpu())
+            labels.append(y.cpu())
+        if hydra is not None:
+            B = hydra.num_branches
+            chosen = torch.zeros(y.numel(), B, device=route.device).scatter_(1, route, 1.0)
+            load = chosen.sum(0) if load is None else load + chosen.sum(0)
+            if hydra.membership.numel():
+                member = hydra.membership[y]
+                recall_hits += (member * chosen).amax(1).sum().item()
+                m = member.T @ chosen
+                matrix = m if matrix is None else matrix + m
+    model.train(was_training)
+    result = {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "count": total}
+    if hydra is not None:
+        result["topk"] = topk or hydra.topk
+        result["branch_load"] = (load / total).tolist() if load is not None else []
+        if matrix is not None:
+            result["gate_recall"] = 100.0 * recall_hits / total
+            result["routing_matrix"] = matrix.round().long().tolist()
+    if collect_probs:
+        result["probs"] = torch.cat(probs)
+        result["labels"] = torch.cat(labels)
+    return result

@@ -1,0 +1,440 @@
+"""One training loop for baselines and HydraNets, readable top to bottom.
+
+    hydranets train --config configs/x.yaml train.epochs=5
+    torchrun --nproc_per_node=2 -m hydranets train --config configs/x.yaml
+
+A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl``/``metrics.csv`` (one row per epoch),
+``checkpoints/last.pt`` (written atomically every epoch; ``--resume`` continues from it),
+``model.safetensors`` and ``summary.json`` (written when the run has finished).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed
+from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_checkpoint, load_state,
+                         save_safetensors)
+from .config import Config, config_from_dict, save_config
+from .errors import HydraError
+from .evaluate import autocast_for, evaluate
+from .hydranet import HydraNet, build_hydranet
+from .partition import Partition
+from .registry import create_model, is_model
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+# ---------------------------------------------------------------- building blocks
+def load_data(cfg: Config):
+    """Train and test splits as in-memory :class:`~hydranets.data.ImageDataset`."""
+    d = cfg.data
+    if d.name == "synthetic":
+        from .data.synthetic import synthetic_splits
+        train_set, test_set = synthetic_splits(d.classes or 10)
+    else:
+        from .data import load_splits
+        train_set, test_set = load_splits(d.name, root=d.root, download=d.download, classes=d.classes,
+                                          cache_dir=d.cache_dir)
+    if d.train_subset:
+        train_set = _subset(train_set, d.train_subset, cfg.train.seed)
+    if d.test_subset:
+        test_set = _subset(test_set, d.test_subset, cfg.train.seed)
+    return train_set, test_set
+
+
+def _subset(ds, n: int, seed: int):
+    from .data import ImageDataset
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return ImageDataset(ds.images[idx], ds.labels[idx], ds.classes, ds.mean, ds.std)
+
+
+def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
+    """What identifies a model's shape: checked before any checkpoint is loaded into it."""
+    hydra = None
+    if cfg.hydra.enabled:
+        h = cfg.hydra
+        hydra = {k: getattr(h, k) for k in ("num_branches", "split", "stem_width", "branch_width", "gate_width",
+                                             "feature_dim", "gate_weighting")}
+    return {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "num_classes": num_classes,
+            "in_chans": in_chans, "hydra": hydra}
+
+
+def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -> nn.Module:
+    """A backbone or HydraNet from :func:`model_info`."""
+    kwargs = dict(info["kwargs"], in_chans=info["in_chans"])
+    if info["hydra"] is None:
+        return create_model(info["name"], num_classes=info["num_classes"], **kwargs)
+    return build_hydranet(info["name"], info["num_classes"], topk=topk, partition=partition, **info["hydra"],
+                          **kwargs)
+
+
+def load_partition(cfg: Config, class_names: list[str]) -> Partition | None:
+    if not cfg.hydra.enabled or cfg.hydra.partition is None:
+        if cfg.hydra.enabled and (cfg.hydra.gate_loss > 0 or cfg.hydra.routing == "oracle" or cfg.hydra.oracle_epochs):
+            raise HydraError("hydra.partition is not set, but the gate loss / oracle routing needs the subtasks; "
+                             "make one with `hydranets partition BASELINE_RUN` or set hydra.partition=PATH")
+        return None
+    return Partition.load(cfg.hydra.partition, expected_num_classes=len(class_names),
+                          expected_class_names=class_names)
+
+
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    """Learning rate at optimiser step ``step`` of ``total``: linear warm-up, then the schedule."""
+    o = cfg.optim
+    steps_per_epoch = total / cfg.train.epochs
+    warmup = int(o.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    if o.schedule == "cosine":
+        return o.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if o.schedule == "onecycle":
+        return o.lr * max(0.0, 1 - t)
+    return o.lr
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+
+
+def init_stem_from(model: HydraNet, path: str) -> None:
+    """Copy a trained baseline's stages into the HydraNet's stem (same backbone and stem width)."""
+    ckpt = load_checkpoint(resolve_checkpoint(path))
+    own = model.stem.state_dict()
+    theirs = {k[len("stages."):]: v for k, v in ckpt["model"].items() if k.startswith("stages.")}
+    missing = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+    if missing:
+        raise HydraError(f"hydra.init_from {path}: its stages do not fit this stem (first: {missing[0]}); "
+                         "use a baseline of the same backbone and hydra.stem_width=1.0")
+    model.stem.load_state_dict({k: theirs[k] for k in own})
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder or a checkpoint file -> the checkpoint file."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """A trained model from a run folder or checkpoint, with its checkpoint dict."""
+    file = resolve_checkpoint(path)
+    ckpt = load_checkpoint(file)
+    info = ckpt["model_info"]
+    part = Partition.from_dict(ckpt["partition"]) if ckpt.get("partition") else None
+    model = build_model(info, part, topk=ckpt.get("topk", 1))
+    load_state(model, ckpt["model"], file)
+    return model.to(device).eval(), ckpt
+
+
+# ---------------------------------------------------------------- the run folder
+def prepare_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run unless asked; a resumed run must have the same model and data."""
+    finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
+    if overwrite and out.exists():
+        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors",
+                     "config.yaml", "tensorboard"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    elif resume:
+        if (out / "config.yaml").exists():
+            import yaml
+            old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+            for section in ("data", "model", "hydra"):
+                a, b = getattr(old, section).__dict__, getattr(cfg, section).__dict__
+                diff = [k for k in a if a[k] != b[k]]
+                if diff:
+                    raise HydraError(f"run folder {out} was made with {section}.{diff[0]}={a[diff[0]]!r}, "
+                                     f"not {b[diff[0]]!r}; resume with the same config or use another --out")
+    elif finished:
+        raise HydraError(f"run folder {out} already holds a finished run; pass --resume (nothing to do) or "
+                         "--overwrite, or choose another out=")
+    elif started:
+        raise HydraError(f"run folder {out} holds an unfinished run; pass --resume to continue it or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items() if k != "routing_matrix"}
+    new = not (out / "metrics.csv").exists()
+    with open(out / "metrics.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat))
+        if new:
+            w.writeheader()
+        w.writerow(flat)
+
+
+def truncate_metrics(out: Path, epochs_done: int) -> None:
+    """Drop metric rows of epochs after the checkpoint (a run killed between the two writes)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    rows = [r for r in rows if r["epoch"] <= epochs_done]
+    path.unlink()
+    (out / "metrics.csv").unlink(missing_ok=True)
+    for r in rows:
+        append_metrics(out, r)
+
+
+def read_metrics(out: str | Path) -> list[dict]:
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+# ---------------------------------------------------------------- the loop
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``cfg`` into its run folder ``cfg.out`` and return the summary."""
+    rt = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, rt, resume, overwrite)
+    finally:
+        distributed.teardown(rt)
+
+
+def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) -> dict:
+    out, t = Path(cfg.out), cfg.train
+    if resume and (out / "summary.json").exists():
+        if rt.is_main:
+            print(f"{out}: already finished; nothing to do", file=sys.stderr)
+        return json.loads((out / "summary.json").read_text())
+    if rt.is_main:
+        prepare_run_dir(out, cfg, resume, overwrite)
+    distributed.barrier(rt)
+    if t.precision == "fp16" and rt.device.type != "cuda":
+        raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if t.batch_size % (rt.world_size * t.accum_steps):
+        raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
+                         f"x {t.accum_steps} accumulation step(s)")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    create_model(cfg.model.name, num_classes=2) if not is_model(cfg.model.name) else None  # name check, before data
+    torch.manual_seed(t.seed)
+
+    from .data import BatchLoader
+    train_set, test_set = load_data(cfg)
+    num_classes, in_chans = len(train_set.classes), train_set.images.shape[1]
+    partition = load_partition(cfg, train_set.classes)
+    info = model_info(cfg, num_classes, in_chans)
+    model = build_model(info, partition, cfg.hydra.topk)
+    hydra = model if isinstance(model, HydraNet) else None
+    if hydra is not None and cfg.hydra.init_from and not resume:
+        init_stem_from(hydra, cfg.hydra.init_from)
+    teacher = None
+    if cfg.distill.teacher and cfg.distill.weight > 0:
+        teacher, _ = load_trained(cfg.distill.teacher, rt.device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = model.to(rt.device, memory_format=memory_format)
+    optimizer = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+
+    per_rank = t.batch_size // rt.world_size
+    loader = BatchLoader(train_set, per_rank, train=True, seed=t.seed, device=rt.device,
+                         augment=cfg.data.augment, cutout=cfg.data.cutout, rank=rt.rank,
+                         world_size=rt.world_size, channels_last=t.channels_last)
+    test_loader = BatchLoader(test_set, t.eval_batch_size, train=False, device=rt.device,
+                              channels_last=t.channels_last)
+    total_steps = t.epochs * len(loader)
+
+    start_epoch = 0
+    if resume and (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        check_compatible(ckpt["model_info"], info, out / CHECKPOINT)
+        load_state(model, ckpt["model"], out / CHECKPOINT)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        start_epoch = ckpt["epoch"]
+        if rt.is_main:
+            truncate_metrics(out, start_epoch)
+            print(f"resuming {out} after epoch {start_epoch}", file=sys.stderr)
+    if rt.is_main:
+        save_config(cfg, out / "config.yaml")
+
+    net = model
+    if rt.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=hydra is not None and cfg.hydra.routing != "soft")
+    if t.compile:
+        net = torch.compile(net)
+    writer = _tensorboard(out) if t.tensorboard and rt.is_main else None
+
+    for epoch in range(start_epoch, t.epochs):
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(cfg, net, model, hydra, teacher, loader, optimizer, scaler, epoch, total_steps, rt)
+        row = {"epoch": epoch + 1, **stats}
+        if rt.is_main:
+            ev = evaluate(model, test_loader, precision=t.precision)
+            row.update({"test_top1": ev["top1"], "test_top5": ev["top5"]})
+            if hydra is not None:
+                row.update({"gate_recall": ev.get("gate_recall"), "branch_load": ev["branch_load"]})
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1, "rng": {"cpu": torch.get_rng_state()}, "config": cfg.to_dict(),
+                    "model_info": info, "topk": cfg.hydra.topk,
+                    "partition": partition.to_dict() if partition is not None else None}
+            atomic_save(ckpt, out / CHECKPOINT)
+            append_metrics(out, row)
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, epoch + 1)
+            print(_epoch_line(row, t.epochs), file=sys.stderr)
+        distributed.barrier(rt)
+
+    summary = {}
+    if rt.is_main:
+        save_safetensors(model, out / "model.safetensors", {"model_info": info, "config": cfg.to_dict()})
+        last = read_metrics(out)[-1] if t.epochs else {}
+        summary = {"finished": True, "epochs": t.epochs, "model": cfg.model.name, "hydra": cfg.hydra.enabled,
+                   "num_classes": num_classes, "world_size": rt.world_size, **{k: v for k, v in last.items()
+                                                                               if not isinstance(v, list)}}
+        atomic_write_text(json.dumps(summary, indent=1), out / "summary.json")
+    if writer is not None:
+        writer.close()
+    return summary
+
+
+def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraNet | None, teacher: nn.Module | None,
+                    loader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int,
+                    total_steps: int, rt: distributed.Runtime) -> dict:
+    t, h = cfg.train, cfg.hydra
+    model.train()
+    g = torch.Generator().manual_seed(t.seed * 100003 + epoch)  # loop randomness (mixup, annealed routing)
+    steps = len(loader)
+    bar = _progress(steps, f"epoch {epoch + 1}/{t.epochs}", t.progress and rt.is_main)
+    loss_sum = torch.zeros((), device=rt.device)
+    seen, wait, start = 0, 0.0, time.perf_counter()
+    batches = iter(loader)
+    for i in range(steps):
+        tw = time.perf_counter()
+        x, y = next(batches)
+        wait += time.perf_counter() - tw
+        step = epoch * steps + i
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step, total_steps)
+        force = None
+        if hydra is not None:
+            p_oracle = 1.0 if h.routing == "oracle" else (max(0.0, 1 - (epoch + i / steps) / h.oracle_epochs)
+                                                           if h.oracle_epochs else 0.0)
+            if p_oracle > 0:
+                keep = (torch.rand(y.shape[0], generator=g) < p_oracle).to(rt.device)
+                force = hydra.gate_targets(y) * keep[:, None]
+        mix = None
+        if cfg.data.mixup > 0:
+            lam = float(torch.distributions.Beta(cfg.data.mixup, cfg.data.mixup).sample())
+            perm = torch.randperm(y.shape[0], generator=g).to(rt.device)
+            x = lam * x + (1 - lam) * x[perm]
+            mix = (lam, perm)
+        micro = [slice(j, None, t.accum_steps) for j in range(t.accum_steps)]
+        for j, sl in enumerate(micro):
+            sync = j == t.accum_steps - 1 or not rt.distributed
+            with (nullcontext() if sync else net.no_sync()):
+                with autocast_for(rt.device, t.precision):
+                    loss = compute_loss(cfg, net, hydra, teacher, x[sl], y[sl], force[sl] if force is not None
+                                        else None, mix and (mix[0], mix[1][sl]), y) / t.accum_steps
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        seen += y.shape[0]
+        if bar is not None and (i % 20 == 0 or i == steps - 1):
+            bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+            _check_finite(loss_sum, epoch, i, cfg)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    mean_loss = loss_sum.item() / max(steps, 1)
+    _check_finite(loss_sum, epoch, steps, cfg)
+    return {"train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen * rt.world_size / elapsed, "data_wait": wait / elapsed, "epoch_s": elapsed}
+
+
+def compute_loss(cfg: Config, net: nn.Module, hydra: HydraNet | None, teacher: nn.Module | None,
+                 x: torch.Tensor, y: torch.Tensor, force: torch.Tensor | None, mix, all_y) -> torch.Tensor:
+    """Cross-entropy (+ lambda x gate BCE for a HydraNet, + distillation from a teacher)."""
+    ls = cfg.optim.label_smoothing
+    if hydra is None:
+        logits, gate_logits = net(x), None
+    else:
+        routing = "soft" if cfg.hydra.routing == "soft" else "topk"
+        out = net(x, routing=routing, force=force, return_gate=True)
+        logits, gate_logits = out.logits, out.gate_logits
+
+    def ce(target):
+        return F.cross_entropy(logits.float(), target, label_smoothing=ls)
+
+    if mix is None:
+        loss = ce(y)
+    else:
+        lam, perm = mix
+        loss = lam * ce(y) + (1 - lam) * ce(all_y[perm])
+    if gate_logits is not None and cfg.hydra.gate_loss > 0:
+        target = hydra.gate_targets(y)
+        if mix is not None:
+            target = lam * target + (1 - lam) * hydra.gate_targets(all_y[perm])
+        loss = loss + cfg.hydra.gate_loss * F.binary_cross_entropy_with_logits(gate_logits.float(), target)
+    if teacher is not None:
+        T, w = cfg.distill.temperature, cfg.distill.weight
+        with torch.no_grad():
+            soft = F.softmax(teacher(x).float() / T, 1)
+        kd = F.kl_div(F.log_softmax(logits.float() / T, 1), soft, reduction="batchmean") * T * T
+        loss = (1 - w) * loss + w * kd
+    return loss
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, cfg: Config) -> None:
+    if not torch.isfinite(loss_sum):
+        raise HydraError(f"loss became {loss_sum.item()} in epoch {epoch + 1} (by step {step}); the last good "
+                         f"checkpoint is kept in {Path(cfg.out) / CHECKPOINT}; lower optim.lr or set optim.grad_clip")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise HydraError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.3f}", f"top1 {row['test_top1']:.2f}",
+             f"top5 {row['test_top5']:.2f}"]
+    if row.get("gate_recall") is not None:
+        parts.append(f"gate recall {row['gate_recall']:.1f}")
+    parts += [f"{row['images_per_s']:.0f} img/s", f"data wait {100 * row['data_wait']:.1f}%"]
+    return " | ".join(parts)
