@@ -144,3 +144,10 @@ def test_topk_setter_and_routing_checked(hydra):
         hydra.topk = 9
     with pytest.raises(HydraError, match="routing must be one of soft, topk"):
         hydra(torch.randn(1, 3, 32, 32), routing="dense")
+
+
+def test_widths_are_relative_to_the_backbone_width():
+    model = build_hydranet("resnet20", num_classes=10, num_branches=2, topk=1, width=0.5, branch_width=0.5)
+    stem_out = model.stem[-1][-1].body[-1][0].out_channels
+    assert stem_out == 16                                        # 32 x 0.5
+    assert model.branches[0][0][-1].body[-1][0].out_channels == 16  # 64 x 0.5 x 0.5

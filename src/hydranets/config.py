@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class TrainConfig:
     accum_steps: int = 1                 # micro-batches per step (same global batch, less memory)
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    precision: str = "bf16"              # bf16 | fp32 | fp16 (fp16: CUDA, with a grad scaler)
+    precision: str = "auto"              # auto (bf16 where fast, else fp32) | bf16 | fp32 | fp16 (CUDA, grad scaler)
     channels_last: bool = True
     compile: bool = False
     threads: int = 0                     # CPU threads (0: PyTorch's default)
@@ -128,7 +129,7 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "partition.method": ("kmeans", "spectral", "random"),
     "optim.schedule": ("onecycle", "cosine", "constant"),
-    "train.precision": ("bf16", "fp32", "fp16"),
+    "train.precision": ("auto", "bf16", "fp32", "fp16"),
 }
 
 
@@ -140,6 +141,9 @@ def _yaml():
     return yaml
 
 
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -149,6 +153,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         annotation = next(a for a in options if a is not type(None))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string
     if annotation is dict and isinstance(value, dict):
         return value
     if isinstance(annotation, type) and isinstance(value, annotation) and not (

@@ -10,6 +10,19 @@ import torch.nn as nn
 from .hydranet import HydraNet
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32.
+
+    On a CPU without bf16 instructions, PyTorch falls back to slow reference kernels (about 10x slower
+    than fp32), so ``auto`` never picks bf16 there.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def autocast_for(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)

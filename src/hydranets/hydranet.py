@@ -130,7 +130,7 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     ``stem_width``; each of the ``num_branches`` branches is a copy of the stages from ``split`` on at
     ``branch_width``, pooled and projected to ``feature_dim`` (default: the backbone's feature width);
     the gate is a copy of those stages at ``gate_width`` with one score per branch. Widths are
-    multipliers of the backbone's own.
+    multipliers of the backbone's own (including its ``width`` setting).
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
@@ -154,12 +154,13 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     if p is not None and p.num_subsets != num_branches:
         raise HydraError(f"partition has {p.num_subsets} subsets but num_branches is {num_branches}")
 
-    stem_stages, stem_ch = build_stages(plan, 0, split, plan.in_chans, stem_width)
+    w = backbone.width
+    stem_stages, stem_ch = build_stages(plan, 0, split, plan.in_chans, w * stem_width)
     branches = []
     for _ in range(num_branches):
-        stages, ch = build_stages(plan, split, n, stem_ch, branch_width)
+        stages, ch = build_stages(plan, split, n, stem_ch, w * branch_width)
         branches.append(_head(stages, plan.build_final(ch), ch, feature_dim))
-    gate_stages, gate_ch = build_stages(plan, split, n, stem_ch, gate_width)
+    gate_stages, gate_ch = build_stages(plan, split, n, stem_ch, w * gate_width)
     gate = _head(gate_stages, plan.build_final(gate_ch), gate_ch, num_branches)
     model = HydraNet(nn.Sequential(*stem_stages), branches, gate, nn.Linear(feature_dim, num_classes), topk,
                      plan.in_chans, p, gate_weighting, train_routing)

@@ -222,19 +222,46 @@ def _balanced_sizes(num_classes: int, num_subsets: int) -> list[int]:
 
 
 def balanced_assign(x: np.ndarray, centroids: np.ndarray) -> list[list[int]]:
-    """Round-robin: each centroid in turn takes its nearest unassigned row until all subsets have C//B (+1) rows."""
+    """Equal-size subsets: the closest (class, centroid) pairs first, each centroid up to C//B classes
+    (C%B of them one more), so sizes differ by at most one."""
     d = _sq_dists(np.asarray(x, dtype=np.float64), np.asarray(centroids, dtype=np.float64))
     n, k = d.shape
-    sizes = _balanced_sizes(n, k)
+    small, extra = n // k, n % k
     free = np.ones(n, dtype=bool)
     subsets: list[list[int]] = [[] for _ in range(k)]
-    while free.any():
-        for b in range(k):
-            if len(subsets[b]) < sizes[b] and free.any():
-                i = int(np.where(free, d[:, b], np.inf).argmin())
-                subsets[b].append(i)
-                free[i] = False
+    for flat in np.argsort(d, axis=None, kind="stable"):
+        i, b = divmod(int(flat), k)
+        if not free[i]:
+            continue
+        size = len(subsets[b])
+        if size < small or (size == small and extra > 0):
+            extra -= size == small
+            subsets[b].append(i)
+            free[i] = False
     return subsets
+
+
+def balanced_kmeans(x: np.ndarray, k: int, seeds: int = 10, seed: int = 0, iters: int = 50
+                    ) -> tuple[np.ndarray, list[list[int]], float]:
+    """k-means whose assignment step is :func:`balanced_assign`; best of ``seeds`` restarts.
+
+    Returns centroids, subsets and the inertia (sum of squared distances to the own centroid).
+    """
+    best: tuple[np.ndarray, list[list[int]], float] | None = None
+    for s in range(seeds):
+        centroids, _ = kmeans(x, k, seeds=1, seed=seed + s)
+        subsets = balanced_assign(x, centroids)
+        for _ in range(iters):
+            centroids = np.stack([x[sub].mean(0) for sub in subsets])
+            new = balanced_assign(x, centroids)
+            if [sorted(a) for a in new] == [sorted(a) for a in subsets]:
+                break
+            subsets = new
+        inertia = float(sum(_sq_dists(x[sub], centroids[b:b + 1]).sum() for b, sub in enumerate(subsets)))
+        if best is None or inertia < best[2] - 1e-12:
+            best = (centroids, subsets, inertia)
+    assert best is not None
+    return best
 
 
 def _add_second_nearest(x: np.ndarray, centroids: np.ndarray, subsets: list[list[int]]) -> list[list[int]]:
@@ -271,8 +298,7 @@ def partition_kmeans(descriptors: "np.ndarray | torch.Tensor", num_subsets: int,
     if overlap and num_subsets < 2:
         raise HydraError("overlap=True needs at least 2 subsets")
     names = _check_names(class_names, num_classes)
-    centroids, inertia = kmeans(x, int(num_subsets), seeds=seeds, seed=seed)
-    subsets = balanced_assign(x, centroids)
+    centroids, subsets, inertia = balanced_kmeans(x, int(num_subsets), seeds=seeds, seed=seed)
     if overlap:
         subsets = _add_second_nearest(x, centroids, subsets)
     subsets.sort(key=min)
@@ -314,8 +340,8 @@ def partition_spectral(confusion: "np.ndarray | torch.Tensor", num_subsets: int,
     _check_counts(num_classes, num_subsets)
     names = _check_names(class_names, num_classes)
     emb = spectral_embedding(m, int(num_subsets))
-    centroids, inertia = kmeans(emb, int(num_subsets), seeds=seeds, seed=seed)
-    subsets = sorted(balanced_assign(emb, centroids), key=min)
+    _, subsets, inertia = balanced_kmeans(emb, int(num_subsets), seeds=seeds, seed=seed)
+    subsets = sorted(subsets, key=min)
     return Partition(subsets, num_classes, names, "spectral", False,
                      {"method": "spectral", "seeds": int(seeds), "seed": int(seed), "inertia": inertia})
 

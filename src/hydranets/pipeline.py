@@ -16,7 +16,7 @@ from .checkpoint import atomic_write_text
 from .config import Config, config_from_dict, save_config
 from .cost import active_params, compare_speed, count_params, model_macs
 from .errors import HydraError
-from .evaluate import evaluate
+from .evaluate import evaluate, resolve_precision
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
 from .train import load_data, load_trained, train
@@ -142,6 +142,7 @@ def run_pipeline(cfg: Config) -> dict:
     """Run (or resume) every step into ``cfg.out`` and return the evaluation."""
     out = Path(cfg.out)
     check_pipeline_dir(cfg)
+    cfg.train.precision = resolve_precision(cfg.train.precision, _device(cfg))
     base_cfg, hydra_cfg = stage_configs(cfg)
     say = lambda msg: print(f"[pipeline] {msg}", file=sys.stderr)  # noqa: E731
 

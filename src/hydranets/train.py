@@ -27,7 +27,7 @@ from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_
                          save_safetensors)
 from .config import Config, config_from_dict, save_config
 from .errors import HydraError
-from .evaluate import autocast_for, evaluate
+from .evaluate import autocast_for, evaluate, resolve_precision
 from .hydranet import HydraNet, build_hydranet
 from .partition import Partition
 from .registry import create_model, is_model
@@ -73,10 +73,13 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
 def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -> nn.Module:
     """A backbone or HydraNet from :func:`model_info`."""
     kwargs = dict(info["kwargs"], in_chans=info["in_chans"])
-    if info["hydra"] is None:
-        return create_model(info["name"], num_classes=info["num_classes"], **kwargs)
-    return build_hydranet(info["name"], info["num_classes"], topk=topk, partition=partition, **info["hydra"],
-                          **kwargs)
+    try:
+        if info["hydra"] is None:
+            return create_model(info["name"], num_classes=info["num_classes"], **kwargs)
+        return build_hydranet(info["name"], info["num_classes"], topk=topk, partition=partition, **info["hydra"],
+                              **kwargs)
+    except TypeError as e:  # a model.kwargs key the model does not take
+        raise HydraError(f"model {info['name']!r} cannot be built with model.kwargs={info['kwargs']}: {e}") from None
 
 
 def load_partition(cfg: Config, class_names: list[str]) -> Partition | None:
@@ -216,17 +219,19 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         if rt.is_main:
             print(f"{out}: already finished; nothing to do", file=sys.stderr)
         return json.loads((out / "summary.json").read_text())
-    if rt.is_main:
-        prepare_run_dir(out, cfg, resume, overwrite)
-    distributed.barrier(rt)
+    # cheap checks first: bad input must not create, or (with --overwrite) delete, a run folder
+    t.precision = resolve_precision(t.precision, rt.device)
     if t.precision == "fp16" and rt.device.type != "cuda":
         raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if t.batch_size % (rt.world_size * t.accum_steps):
         raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
                          f"x {t.accum_steps} accumulation step(s)")
+    create_model(cfg.model.name, num_classes=2) if not is_model(cfg.model.name) else None  # name check, before data
+    if rt.is_main:
+        prepare_run_dir(out, cfg, resume, overwrite)
+    distributed.barrier(rt)
     if t.threads:
         torch.set_num_threads(t.threads)
-    create_model(cfg.model.name, num_classes=2) if not is_model(cfg.model.name) else None  # name check, before data
     torch.manual_seed(t.seed)
 
     from .data import BatchLoader
@@ -409,8 +414,11 @@ def compute_loss(cfg: Config, net: nn.Module, hydra: HydraNet | None, teacher: n
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, cfg: Config) -> None:
     if not torch.isfinite(loss_sum):
-        raise HydraError(f"loss became {loss_sum.item()} in epoch {epoch + 1} (by step {step}); the last good "
-                         f"checkpoint is kept in {Path(cfg.out) / CHECKPOINT}; lower optim.lr or set optim.grad_clip")
+        ckpt = Path(cfg.out) / CHECKPOINT
+        kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt.exists() else
+                f"no checkpoint was written yet ({ckpt})")
+        raise HydraError(f"loss became {loss_sum.item()} in epoch {epoch + 1} (by step {step}); {kept}; "
+                         "lower optim.lr or set optim.grad_clip")
 
 
 def _progress(total: int, desc: str, enabled: bool):

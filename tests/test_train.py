@@ -1,0 +1,491 @@
+"""The training loop end to end on the built-in synthetic set: run folder, HydraNets, exact resume, bad input."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hydranets.train as train_mod
+from hydranets import HydraError, Partition, create_model
+from hydranets.checkpoint import check_compatible
+from hydranets.cli import main
+from hydranets.config import load_config
+from hydranets.data.synthetic import synthetic_splits
+from hydranets.train import CHECKPOINT, lr_at, read_metrics, train
+
+# Small and deterministic. channels_last is off: PyTorch 2.13's CPU backward of a channels_last 1x1 stride-2
+# convolution from 4 to 8 channels (the first stage change of resnet_cifar at width 0.25) corrupts the heap.
+BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.25}",
+        "data.augment=none", "optim.lr=0.05", "train.batch_size=16", "train.precision=fp32", "train.threads=1",
+        "train.device=cpu", "train.progress=false", "train.channels_last=false"]
+ROW_KEYS = {"epoch", "train_loss", "lr", "images_per_s", "data_wait", "epoch_s", "test_top1", "test_top5"}
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", CHECKPOINT, "model.safetensors", "summary.json")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 300
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg_for(out: Path, *extra: str):
+    return load_config(overrides=[*BASE, f"out={out}", *extra])
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hydranets", "train", *args], capture_output=True, text=True,
+                          env=ENV, timeout=TIMEOUT)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """``hydranets train ARGS`` in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        main(["train", *args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_error_line(err: str, *words: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_ckpt(run: Path) -> dict:
+    return torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def top1_by_hand(model: torch.nn.Module, num_classes: int = 10) -> float:
+    """Test top-1 computed without the library's loader or evaluate(): normalise, forward, argmax."""
+    _, test = synthetic_splits(num_classes)
+    mean = torch.tensor(test.mean).view(1, -1, 1, 1)
+    std = torch.tensor(test.std).view(1, -1, 1, 1)
+    x = (test.images.float() / 255 - mean) / std
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    return 100.0 * (pred == test.labels).float().mean().item()
+
+
+# ---------------------------------------------------------------- a baseline
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    torch.manual_seed(0)
+    n = torch.get_num_threads()
+    try:
+        train(load_config(overrides=[*BASE, f"out={out}", "train.epochs=4"]))
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def test_baseline_learns(baseline):
+    rows = read_metrics(baseline)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < 0.75 * rows[0]["train_loss"]
+    assert rows[-1]["train_loss"] < math.log(10) - 0.5           # well below the loss of guessing
+    assert rows[-1]["test_top1"] >= 40.0                          # chance is 10%
+    assert rows[-1]["test_top5"] >= rows[-1]["test_top1"]
+
+
+def test_baseline_run_folder(baseline):
+    for name in RUN_FILES:
+        assert (baseline / name).is_file(), name
+    rows = read_metrics(baseline)
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert all(math.isfinite(r[k]) for k in ROW_KEYS)
+    import csv
+    with open(baseline / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and set(table[0]) == ROW_KEYS
+    assert [float(r["train_loss"]) for r in table] == pytest.approx([r["train_loss"] for r in rows])
+    summary = json.loads((baseline / "summary.json").read_text())
+    assert summary["finished"] and summary["epochs"] == 4 and summary["num_classes"] == 10
+    assert summary["test_top1"] == rows[-1]["test_top1"]
+    saved = load_config(baseline / "config.yaml")
+    assert saved.train.epochs == 4 and saved.model.kwargs == {"depth": 8, "width": 0.25}
+
+
+def test_baseline_lr_logged_is_the_schedule(baseline):
+    cfg = load_config(baseline / "config.yaml")
+    steps = 400 // 16                                             # 10 classes x 40 training images, drop_last
+    total = 4 * steps
+    for r in read_metrics(baseline):
+        assert r["lr"] == pytest.approx(lr_at(cfg, r["epoch"] * steps - 1, total), rel=1e-12)
+
+
+def test_baseline_checkpoint_and_safetensors(baseline):
+    from safetensors.torch import load_file
+    ckpt = load_ckpt(baseline)
+    assert ckpt["epoch"] == 4
+    assert ckpt["model_info"]["name"] == "resnet_cifar" and ckpt["model_info"]["num_classes"] == 10
+    st = load_file(str(baseline / "model.safetensors"))
+    assert set(st) == set(ckpt["model"])
+    for k, v in ckpt["model"].items():
+        assert torch.equal(st[k], v), k
+    # the logged test accuracy is what the saved weights give, computed independently
+    model = create_model("resnet_cifar", num_classes=10, depth=8, width=0.25)
+    model.load_state_dict(st)
+    assert abs(top1_by_hand(model) - read_metrics(baseline)[-1]["test_top1"]) <= 1.0   # one image of 100
+    # load_trained rebuilds the same model
+    loaded, _ = train_mod.load_trained(baseline)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- HydraNets
+@pytest.mark.parametrize("routing,branches,topk", [("topk", 4, 2), ("soft", 2, 1), ("oracle", 3, 1)])
+def test_hydranet_trains(tmp_path, routing, branches, topk):
+    subsets = {4: [[0, 1], [2, 3], [4, 5, 6], [7, 8, 9]], 2: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+               3: [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]}[branches]
+    part = tmp_path / "partition.json"
+    Partition(subsets, 10, [f"class{c}" for c in range(10)]).save(part)
+    out = tmp_path / "run"
+    summary = train(cfg_for(out, "train.epochs=2", "hydra.enabled=true", f"hydra.num_branches={branches}",
+                            f"hydra.topk={topk}", f"hydra.partition={part}", f"hydra.routing={routing}",
+                            "hydra.gate_loss=0.5", "hydra.stem_width=0.25", "hydra.branch_width=0.25",
+                            "hydra.gate_width=0.25"))
+    rows = read_metrics(out)
+    assert len(rows) == 2
+    for r in rows:
+        assert set(r) == ROW_KEYS | {"gate_recall", "branch_load"}
+        assert len(r["branch_load"]) == branches
+        assert sum(r["branch_load"]) == pytest.approx(topk, abs=1e-4)
+        assert all(0 <= b <= 1 for b in r["branch_load"])
+        assert 0 <= r["gate_recall"] <= 100 and math.isfinite(r["train_loss"])
+    assert summary["hydra"] is True and summary["gate_recall"] == rows[-1]["gate_recall"]
+    ckpt = load_ckpt(out)
+    assert ckpt["partition"]["subsets"] == subsets and ckpt["topk"] == topk
+    assert ckpt["model_info"]["hydra"]["num_branches"] == branches
+    # recompute recall and load from the trained model: route each test image, compare with its subtask
+    model, _ = train_mod.load_trained(out)
+    _, test = synthetic_splits(10)
+    x = (test.images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        route = model(x, routing="topk", return_gate=True).route
+    member = torch.zeros(10, branches)
+    for b, s in enumerate(subsets):
+        member[s, b] = 1
+    chosen = torch.zeros(len(x), branches).scatter_(1, route, 1.0)
+    recall = 100.0 * (member[test.labels] * chosen).amax(1).mean().item()
+    assert recall == pytest.approx(rows[-1]["gate_recall"], abs=1.0)
+    assert chosen.mean(0).tolist() == pytest.approx(rows[-1]["branch_load"], abs=0.011)
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+def test_lr_schedule_against_hand_computation():
+    cfg = load_config(overrides=["train.epochs=4", "optim.lr=0.2", "optim.warmup_epochs=1", "optim.schedule=cosine"])
+    total = 40                                                    # 10 steps per epoch, warm-up 10 steps
+    assert [lr_at(cfg, s, total) for s in range(10)] == pytest.approx([0.2 * (s + 1) / 10 for s in range(10)])
+    assert lr_at(cfg, 10, total) == pytest.approx(0.2)
+    assert lr_at(cfg, 25, total) == pytest.approx(0.1)            # half-way through the cosine
+    assert lr_at(cfg, 20, total) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert lr_at(cfg, 39, total) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 29 / 30)))
+    cfg.optim.schedule = "onecycle"
+    assert lr_at(cfg, 4, total) == pytest.approx(0.1)
+    assert lr_at(cfg, 25, total) == pytest.approx(0.1)
+    assert lr_at(cfg, 34, total) == pytest.approx(0.2 * 6 / 30)
+    cfg.optim.schedule, cfg.optim.warmup_epochs = "constant", 0.0
+    assert {lr_at(cfg, s, total) for s in range(total)} == {0.2}
+    cfg.optim.schedule, cfg.optim.warmup_epochs = "cosine", 0.5    # 5 warm-up steps
+    assert lr_at(cfg, 0, total) == pytest.approx(0.04)
+    assert lr_at(cfg, 5, total) == pytest.approx(0.2)
+    assert lr_at(cfg, 22, total) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 17 / 35)))
+
+
+# ---------------------------------------------------------------- gradient accumulation
+def test_gradient_accumulation(tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(out, "train.epochs=2", "train.accum_steps=2"))
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert all(torch.isfinite(v.float()).all() for v in load_ckpt(out)["model"].values())
+
+
+def test_batch_must_divide_over_accumulation(tmp_path, capsys):
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", "train.accum_steps=3")
+    assert code == 2
+    assert_one_error_line(err, "train.batch_size=16", "3 accumulation")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+def _wait_for(path: Path, proc: subprocess.Popen, limit: float = TIMEOUT) -> None:
+    end = time.monotonic() + limit
+    while not path.exists():
+        assert proc.poll() is None, f"run ended (rc {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < end, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_sigkill_is_exact(tmp_path, capsys, precision):
+    args = [*BASE, "train.epochs=3", "train.batch_size=8", "data.train_subset=200", "data.augment=crop_flip",
+            "data.cutout=4", "data.mixup=0.2", f"train.precision={precision}"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    code, err = run_main(capsys, *args, f"out={full}")                # uninterrupted, in this process
+    assert code == 0, err
+    with open(tmp_path / "killed.err", "w") as kerr:
+        victim = subprocess.Popen([sys.executable, "-m", "hydranets", "train", *args, f"out={killed}"],
+                                  stdout=subprocess.DEVNULL, stderr=kerr, env=ENV)
+        try:
+            _wait_for(killed / CHECKPOINT, victim)
+            _wait_for(killed / "metrics.jsonl", victim)
+            time.sleep(0.05)
+            rows = read_metrics(killed)
+            time.sleep(0.5 * rows[0]["epoch_s"] if rows else 0.2)  # into epoch 2
+            assert victim.poll() is None, "the run finished before it could be killed"
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(TIMEOUT)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    done = load_ckpt(killed)["epoch"]
+    assert done in (1, 2)
+    code, err = run_main(capsys, *args, f"out={killed}", "--resume")  # in this process: saves a torch import
+    assert code == 0, err
+    assert f"resuming {killed} after epoch {done}" in err
+    a, b = load_ckpt(full), load_ckpt(killed)
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+    ra, rb = read_metrics(full), read_metrics(killed)
+    assert [r["epoch"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        for k in ("train_loss", "lr", "test_top1", "test_top5"):
+            assert x[k] == y[k], (x["epoch"], k)
+    assert len((killed / "metrics.csv").read_text().strip().splitlines()) == 4
+
+
+# ---------------------------------------------------------------- bad input
+def test_unknown_key_via_cli(tmp_path):
+    r = cli(*BASE, f"out={tmp_path / 'run'}", "train.epoch=3")
+    assert r.returncode == 2
+    assert_one_error_line(r.stderr, "'train.epoch'", "did you mean 'train.epochs'")
+    assert r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.epochs=abc", ["'train.epochs'", "int", "'abc'"]),
+    ("trian.epochs=2", ["'trian'", "did you mean 'train'"]),
+    ("optim.schedule=linear", ["optim.schedule", "onecycle, cosine, constant"]),
+    ("model.name=resnet_cifr", ["unknown model 'resnet_cifr'", "resnet_cifar"]),
+    ("model.kwargs={widht: 0.5}", ["'resnet_cifar'", "model.kwargs=", "'widht'"]),
+])
+def test_bad_overrides(tmp_path, capsys, override, words):
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)
+    assert code == 2
+    assert_one_error_line(err, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_float_keys_take_scientific_notation(tmp_path):
+    """PyYAML reads ``1e-3`` as a string; a float key still takes it, from an override or a file."""
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 5e-2\n  weight_decay: 1E-4\n")
+    cfg = load_config(f, ["optim.grad_clip=2e+1", "optim.label_smoothing=.5e-1"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.label_smoothing) == \
+        (0.05, 1e-4, 20.0, 0.05)
+    assert all(type(v) is float for v in (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip))
+    assert load_config(overrides=["data.name=1e3"]).data.name == "1e3"    # a str key keeps the string
+    with pytest.raises(HydraError, match="'optim.lr' must be float, got '1e'"):
+        load_config(overrides=["optim.lr=1e"])
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = run_main(capsys, "--config", str(tmp_path / "nope.yaml"), *BASE, f"out={tmp_path / 'run'}")
+    assert code == 2
+    assert_one_error_line(err, "nope.yaml", "does not exist")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    n = torch.get_num_threads()
+    try:
+        train(load_config(overrides=[*BASE, f"out={out}", "train.epochs=1"]))
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def test_finished_run_is_refused(finished, capsys):
+    before = snapshot(finished)
+    code, err = run_main(capsys, *BASE, f"out={finished}", "train.epochs=1")
+    assert code == 2
+    assert_one_error_line(err, str(finished), "finished run", "--resume", "--overwrite")
+    assert snapshot(finished) == before
+
+
+def test_resume_of_finished_run_does_nothing(finished, capsys):
+    before = snapshot(finished)
+    code, err = run_main(capsys, *BASE, f"out={finished}", "train.epochs=1", "--resume")
+    assert code == 0 and "already finished; nothing to do" in err
+    assert snapshot(finished) == before
+
+
+def test_overwrite_with_bad_model_keeps_the_run(finished, capsys):
+    before = snapshot(finished)
+    code, err = run_main(capsys, *BASE, f"out={finished}", "model.name=resnet_nope", "--overwrite")
+    assert code == 2
+    assert_one_error_line(err, "unknown model 'resnet_nope'")
+    assert snapshot(finished) == before
+
+
+def test_check_compatible():
+    info = {"name": "resnet_cifar", "kwargs": {}, "num_classes": 10, "in_chans": 3, "hydra": None}
+    check_compatible(info, dict(info), "x.pt")
+    with pytest.raises(HydraError, match="num_classes 10, this run has 8"):
+        check_compatible(info, {**info, "num_classes": 8}, "x.pt")
+    with pytest.raises(HydraError, match="name 'resnet_cifar', this run has 'resnet20'"):
+        check_compatible(info, {**info, "name": "resnet20"}, "x.pt")
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory) -> tuple[Path, bytes, int, str]:
+    """A run whose epoch 1 is fine and whose epoch 2 diverges (lr 1e30 from its first step):
+    (run folder, bytes of the epoch-1 checkpoint as written, exit code, stderr)."""
+    import contextlib
+    import io
+    out = tmp_path_factory.mktemp("nan") / "run"
+    mp = pytest.MonkeyPatch()
+    real_lr, real_save = train_mod.lr_at, train_mod.atomic_save
+    steps = 400 // 16
+    mp.setattr(train_mod, "lr_at", lambda cfg, step, total: real_lr(cfg, step, total) if step < steps else 1e30)
+    written = {}
+
+    def save(obj, path):
+        real_save(obj, path)
+        written[obj["epoch"]] = Path(path).read_bytes()
+
+    mp.setattr(train_mod, "atomic_save", save)
+    n = torch.get_num_threads()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            main(["train", *BASE, f"out={out}", "train.epochs=2", "optim.schedule=constant"])
+    finally:
+        mp.undo()
+        torch.set_num_threads(n)
+    assert list(written) == [1]
+    return out, written[1], e.value.code, err.getvalue()
+
+
+def test_nan_loss_is_a_clear_error(diverged):
+    out, epoch1, code, err = diverged
+    assert code == 2
+    assert_one_error_line(err, "loss became", "epoch 2", f"last good checkpoint is kept in {out / CHECKPOINT}",
+                          "optim.lr")
+    assert (out / CHECKPOINT).read_bytes() == epoch1             # the epoch-1 checkpoint, unchanged
+    ckpt = load_ckpt(out)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    assert not (out / "summary.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_nan_loss_after_resume_with_huge_lr(diverged, capsys):
+    """optim may change on resume: a huge lr makes the resumed epoch diverge; the checkpoint is kept."""
+    out, epoch1, _, _ = diverged
+    metrics = (out / "metrics.jsonl").read_bytes()
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.schedule=constant",
+                         "optim.lr=1e30", "--resume")
+    assert code == 2
+    assert_one_error_line(err, "loss became", "epoch 2", str(out / CHECKPOINT))
+    assert (out / CHECKPOINT).read_bytes() == epoch1
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    assert not (out / "summary.json").exists()
+
+
+def test_nan_loss_in_first_epoch_via_cli(tmp_path):
+    out = tmp_path / "run"
+    r = cli(*BASE, f"out={out}", "train.epochs=1", "optim.lr=1e30", "optim.warmup_epochs=0",
+            "optim.schedule=constant", "data.train_subset=64")
+    assert r.returncode == 2
+    assert_one_error_line(r.stderr, "loss became", "epoch 1", "optim.lr",
+                          f"no checkpoint was written yet ({out / CHECKPOINT})")
+    assert not (out / CHECKPOINT).exists() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.name=resnet20", ["model.name='resnet_cifar'", "'resnet20'"]),
+    ("data.classes=8", ["data.classes=None", "8"]),
+    ("model.kwargs={depth: 14, width: 0.25}", ["model.kwargs"]),
+    ("hydra.enabled=true", ["hydra.enabled=False"]),
+])
+def test_resume_with_other_model_is_refused(diverged, capsys, override, words):
+    out = diverged[0]
+    before = snapshot(out)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", override, "--resume")
+    assert code == 2
+    assert_one_error_line(err, str(out), *words)
+    assert snapshot(out) == before
+
+
+def test_unfinished_run_needs_resume(diverged, capsys):
+    out = diverged[0]
+    before = snapshot(out)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2")
+    assert code == 2
+    assert_one_error_line(err, "unfinished run", "--resume")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["model.name=resnet20"], ["is for name 'resnet_cifar', this run has 'resnet20'"]),
+    (["data.classes=8", "model.kwargs={depth: 8, width: 0.25}"], ["is for num_classes 10, this run has 8"]),
+    (["model.kwargs={depth: 8, width: 0.5}"], ["does not fit this model"]),
+])
+def test_resume_checks_the_checkpoint_itself(diverged, capsys, tmp_path, overrides, words):
+    """Without config.yaml to compare against, the checkpoint itself is checked before it is loaded."""
+    out = tmp_path / "copy"
+    shutil.copytree(diverged[0], out)
+    (out / "config.yaml").unlink()
+    before = snapshot(out)
+    base = [a for a in BASE if not a.startswith("model.kwargs=")]
+    code, err = run_main(capsys, *base, f"out={out}", "train.epochs=2", *overrides, "--resume")
+    assert code == 2
+    assert_one_error_line(err, f"checkpoint {out / CHECKPOINT}", *words)
+    assert snapshot(out) == before
+
+
+def test_resume_after_nan_with_sane_lr_finishes(diverged, capsys, tmp_path):
+    """Continues (a copy of) the diverged run from its epoch-1 checkpoint with a sane lr."""
+    out = tmp_path / "copy"
+    shutil.copytree(diverged[0], out)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.schedule=constant", "--resume")
+    assert code == 0, err
+    assert "after epoch 1" in err
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and math.isfinite(rows[1]["train_loss"])
+    assert (out / "summary.json").exists() and load_ckpt(out)["epoch"] == 2
