@@ -227,9 +227,6 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
                          f"x {t.accum_steps} accumulation step(s)")
     create_model(cfg.model.name, num_classes=2) if not is_model(cfg.model.name) else None  # name check, before data
-    if rt.is_main:
-        prepare_run_dir(out, cfg, resume, overwrite)
-    distributed.barrier(rt)
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -246,6 +243,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     teacher = None
     if cfg.distill.teacher and cfg.distill.weight > 0:
         teacher, _ = load_trained(cfg.distill.teacher, rt.device)
+    if rt.is_main:  # only now, with data and model built: bad input never creates or clears a run folder
+        prepare_run_dir(out, cfg, resume, overwrite)
+    distributed.barrier(rt)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(rt.device, memory_format=memory_format)
     optimizer = make_optimizer(cfg, model)

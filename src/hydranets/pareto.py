@@ -1,0 +1,228 @@
+"""The paper's claim as a benchmark: a baseline family against a HydraNet family, trained alike.
+
+A protocol (YAML) names shared settings, the baseline family, the baseline the subtasks come from,
+the HydraNet family and ablations. Every model is its own resumable run folder; evaluation runs all
+models on one test set in one process, and the comparison is reported as the iso-accuracy saving
+(baseline MACs / HydraNet MACs at the same top-1) and the equal-cost accuracy gain, in counted
+multiply-adds and in measured time.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_text
+from .config import Config, _merge, config_from_dict
+from .cost import compare_speed, count_params, model_macs
+from .errors import HydraError
+from .evaluate import evaluate, resolve_precision
+from .pipeline import _device, compute_partition
+from .train import load_data, load_trained, train
+
+PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
+                 "speed_batches", "speed_repeats"}
+
+
+def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
+    import yaml
+
+    from .config import parse_overrides
+    path = Path(path)
+    if not path.exists():
+        raise HydraError(f"protocol file {path} does not exist")
+    proto = yaml.safe_load(path.read_text())
+    unknown = set(proto) - PROTOCOL_KEYS
+    if unknown:
+        raise HydraError(f"protocol {path}: unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(PROTOCOL_KEYS))}")
+    for key in ("protocol", "base", "baselines", "hydranets", "partition_from"):
+        if key not in proto:
+            raise HydraError(f"protocol {path} lacks {key!r}")
+    proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
+    for entry in proto["baselines"] + proto["hydranets"] + proto.get("ablations", []):
+        model_config(proto, entry)  # check every entry before training anything
+    return proto
+
+
+def model_config(proto: dict, entry: dict) -> Config:
+    """The training config of one family member: the shared base, then the entry's own settings."""
+    if "name" not in entry:
+        raise HydraError(f"protocol entry {entry} lacks a 'name'")
+    data = _merge(copy.deepcopy(proto["base"]), {k: v for k, v in entry.items() if k != "name"})
+    data["out"] = str(Path(proto.get("out", f"runs/bench/{proto['protocol']}")) / entry["name"])
+    return config_from_dict(data)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float | None:
+    """Linear interpolation on a curve sorted by xs; None outside its range."""
+    if not xs or x < xs[0] - 1e-9 or x > xs[-1] + 1e-9:
+        return None
+    return float(np.interp(x, xs, ys))
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The best top-1 reachable at each cost: sorted by cost, accuracy made non-decreasing."""
+    out, best = [], -1.0
+    for cost, acc in sorted(points):
+        if acc > best:
+            out.append((cost, acc))
+            best = acc
+    return out
+
+
+def compare_families(baseline: list[tuple[float, float]], hydra: list[tuple[float, float]]) -> dict:
+    """Iso-accuracy saving at the baseline's best top-1 and the mean equal-cost gain over the shared range.
+
+    Points are (cost, top1); cost is MACs/image or seconds/image. Curves are the Pareto frontiers.
+    """
+    b, h = frontier(baseline), frontier(hydra)
+    best_cost, best_acc = b[-1]
+    h_acc = [a for _, a in h]
+    h_cost_at = None
+    if h_acc and h_acc[-1] >= best_acc:
+        # cost at which the HydraNet frontier first reaches the baseline's best top-1
+        h_cost_at = _interp(best_acc, h_acc, [c for c, _ in h]) if h_acc[0] <= best_acc else h[0][0]
+    lo, hi = max(b[0][0], h[0][0]), min(b[-1][0], h[-1][0])
+    gains = []
+    if lo <= hi:
+        for c in np.linspace(lo, hi, 25):
+            gains.append(_interp(c, [x for x, _ in h], h_acc) - _interp(c, [x for x, _ in b], [a for _, a in b]))
+    return {"baseline_best_top1": best_acc, "baseline_best_cost": best_cost,
+            "hydra_cost_at_that_top1": h_cost_at,
+            "iso_accuracy_saving": best_cost / h_cost_at if h_cost_at else None,
+            "equal_cost_gain_mean": float(np.mean(gains)) if gains else None,
+            "equal_cost_gain_max": float(np.max(gains)) if gains else None,
+            "shared_cost_range": [lo, hi] if lo <= hi else None}
+
+
+def run_protocol(proto: dict, only_train: bool = False) -> dict | None:
+    """Train what is missing (resuming), then evaluate all models and write the results."""
+    out = Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
+    out.mkdir(parents=True, exist_ok=True)
+    say = lambda m: print(f"[bench {proto['protocol']}] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    for entry in proto["baselines"]:
+        say(f"baseline {entry['name']}")
+        train(model_config(proto, entry), resume=True)
+    src = next((e for e in proto["baselines"] if e["name"] == proto["partition_from"]), None)
+    if src is None:
+        raise HydraError(f"partition_from {proto['partition_from']!r} is not a baseline of the protocol")
+    src_cfg = model_config(proto, src)
+    partitions: dict[str, Path] = {}
+
+    def partition_file(method: str, b: int) -> Path:
+        key = f"{method}_b{b}"
+        if key not in partitions:
+            path = out / f"partition_{key}.json"
+            if not path.exists():
+                say(f"subtasks {key} from {src['name']}")
+                cfg = copy.deepcopy(src_cfg)
+                cfg.partition.method = method
+                compute_partition(cfg, src_cfg.out, path, b)
+            partitions[key] = path
+        return partitions[key]
+
+    hydra_entries = proto["hydranets"] + proto.get("ablations", [])
+    for entry in hydra_entries:
+        cfg = model_config(proto, entry)
+        cfg.hydra.enabled = True
+        cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches))
+        if cfg.hydra.init_from == "baseline":  # the trained baseline of the same backbone, if the protocol has one
+            same = [model_config(proto, e) for e in proto["baselines"]]
+            same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
+            cfg.hydra.init_from = same[0].out if same and cfg.hydra.stem_width == 1.0 else None
+        if cfg.distill.teacher == "baseline":
+            cfg.distill.teacher = src_cfg.out
+        say(f"hydranet {entry['name']}")
+        train(cfg, resume=True)
+    if only_train:
+        return None
+    return evaluate_protocol(proto, out)
+
+
+def evaluate_protocol(proto: dict, out: Path) -> dict:
+    base_cfg = config_from_dict(_merge(copy.deepcopy(proto["base"]), {}))
+    device = _device(base_cfg)
+    precision = resolve_precision(base_cfg.train.precision, device)
+    from .data import BatchLoader
+    _, test_set = load_data(base_cfg)
+    batches = list(BatchLoader(test_set, 256, train=False, device=device, prefetch=False))
+    size = tuple(test_set.images.shape[1:])
+    rows, candidates = [], {}
+    for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
+                            ("ablation", proto.get("ablations", []))):
+        for entry in entries:
+            run = Path(model_config(proto, entry).out)
+            model, ckpt = load_trained(run, device)
+            model = model.to(memory_format=torch.channels_last)
+            k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
+            kw = {"topk": k} if k else {}
+            ev = evaluate(model, batches, topk=k, precision=precision)
+            rows.append({"name": entry["name"], "family": family, "model": ckpt["model_info"]["name"], "k": k,
+                         "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
+                         "macs": model_macs(model, size, **kw), "params": count_params(model),
+                         "epochs": ckpt["epoch"]})
+            candidates[entry["name"]] = (model, kw)
+    for bs in proto.get("speed_batches", [256, 1]):
+        speed = compare_speed(candidates, size, bs, repeats=proto.get("speed_repeats", 5),
+                              autocast=torch.bfloat16 if precision == "bf16" else None)
+        for r in rows:
+            r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
+    fam = lambda f, cost: [(cost(r), r["top1"]) for r in rows if r["family"] == f]  # noqa: E731
+    result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
+              "device": str(device), "precision": precision, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "rows": rows,
+              "macs": compare_families(fam("baseline", lambda r: r["macs"]), fam("hydranet", lambda r: r["macs"]))}
+    for bs in proto.get("speed_batches", [256, 1]):
+        key = f"images_per_s_b{bs}"
+        result[f"time_b{bs}"] = compare_families(fam("baseline", lambda r: 1.0 / r[key]),
+                                                 fam("hydranet", lambda r: 1.0 / r[key]))
+    return result
+
+
+def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Path]:
+    """``<protocol>.json``, ``<protocol>.png`` (top-1 vs MACs, with the paper's curves beside) and ``<protocol>.md``."""
+    from .report import plot_pareto
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    name = result["protocol"]
+    js, png, md = results_dir / f"{name}.json", results_dir / f"{name}.png", results_dir / f"{name}.md"
+    atomic_write_text(json.dumps(result, indent=1), js)
+    families = {}
+    for f in ("baseline", "hydranet"):
+        families[f] = [(r["macs"], r["top1"], r["name"]) for r in sorted(result["rows"], key=lambda r: r["macs"])
+                       if r["family"] == f]
+    plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
+    atomic_write_text(markdown_table(result), md)
+    return js, png, md
+
+
+def _fmt(v, spec: str, none: str = "n/a") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown_table(result: dict) -> str:
+    bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
+    head = "| model | family | k | epochs | top-1 | top-5 | gate recall | MMACs/img | params (M) | " + \
+        " | ".join(f"img/s @{b}" for b in bss) + " |"
+    lines = [head, "|" + "---|" * (9 + len(bss))]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {r['epochs']} | {r['top1']:.2f} | "
+                     f"{r['top5']:.2f} | {_fmt(r['gate_recall'], '.1f', '-')} | {r['macs'] / 1e6:.1f} | "
+                     f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
+    m = result["macs"]
+    lines += ["", f"- Iso-accuracy saving in MACs at the baseline family's best top-1 ({m['baseline_best_top1']:.2f}%): "
+              f"{_fmt(m['iso_accuracy_saving'], '.2f')}x" + ("" if m["iso_accuracy_saving"] else
+                                                           " (the HydraNet family does not reach it)"),
+              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
+              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
+    for b in bss:
+        t = result[f"time_b{b}"]
+        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_fmt(t['iso_accuracy_saving'], '.2f')}x, "
+                     f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
+    lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
+                 f"torch {result['torch']}, {result['threads']} threads")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hydranets import HydraError
+from hydranets.pareto import compare_families, frontier, load_protocol, run_protocol, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_frontier_keeps_only_improving_points():
+    assert frontier([(3, 50), (1, 40), (2, 39), (4, 60)]) == [(1, 40), (3, 50), (4, 60)]
+
+
+def test_compare_families_by_hand():
+    baseline = [(40.0, 30.0), (80.0, 34.0)]
+    hydra = [(20.0, 30.0), (40.0, 36.0)]
+    r = compare_families(baseline, hydra)
+    # HydraNet reaches the baseline's best (34%) at 20 + 20 * (34 - 30) / (36 - 30) = 33.33
+    assert r["hydra_cost_at_that_top1"] == pytest.approx(20 + 20 * 4 / 6)
+    assert r["iso_accuracy_saving"] == pytest.approx(80 / (20 + 20 * 4 / 6))
+    # shared range is exactly 40: hydra 36 vs baseline 30
+    assert r["shared_cost_range"] == [40.0, 40.0]
+    assert r["equal_cost_gain_mean"] == pytest.approx(6.0)
+
+
+def test_compare_families_reports_a_miss():
+    r = compare_families([(40.0, 30.0), (80.0, 34.0)], [(20.0, 25.0), (60.0, 31.0)])
+    assert r["iso_accuracy_saving"] is None
+    assert r["equal_cost_gain_mean"] < 0
+
+
+@pytest.mark.parametrize("name", ["tin100-cpu", "tin200-gpu", "cifar100-gpu"])
+def test_shipped_protocols_are_valid(name):
+    proto = load_protocol(REPO / "configs" / "bench" / f"{name}.yaml")
+    assert len(proto["baselines"]) >= 4 and len(proto["hydranets"]) >= 4
+
+
+def test_protocol_with_unknown_key_is_refused(tmp_path):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "baselines": [],
+                                                     "hydranets": [], "partition_from": "a", "extra": 1}))
+    with pytest.raises(HydraError, match="unknown key 'extra'"):
+        load_protocol(tmp_path / "p.yaml")
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "partition_from": "a",
+                                                     "baselines": [{"name": "a", "train": {"epoch": 1}}],
+                                                     "hydranets": []}))
+    with pytest.raises(HydraError, match="train.epoch"):
+        load_protocol(tmp_path / "q.yaml")
+
+
+@pytest.mark.slow
+def test_small_protocol_end_to_end(tmp_path):
+    tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
+    proto = {
+        "protocol": "smoke", "out": str(tmp_path / "runs"), "partition_from": "b1", "speed_batches": [32],
+        "speed_repeats": 2,
+        "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
+                                                            "precision": "fp32", "channels_last": False},
+                 "optim": {"lr": 0.05}},
+        "baselines": [{"name": "b1", "model": tiny},
+                      {"name": "b2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}}}],
+        "hydranets": [{"name": "h1", "model": tiny, "hydra": {"num_branches": 2, "topk": 1, "init_from": "baseline"}},
+                      {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
+        "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"},
+                       "hydra": {"num_branches": 2, "topk": 1}}],
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    result = run_protocol(load_protocol(tmp_path / "p.yaml"))
+    assert [r["name"] for r in result["rows"]] == ["b1", "b2", "h1", "h2", "a1"]
+    assert {p.name for p in (tmp_path / "runs").glob("partition_*.json")} == {"partition_kmeans_b2.json",
+                                                                              "partition_kmeans_b4.json",
+                                                                              "partition_random_b2.json"}
+    h1 = next(r for r in result["rows"] if r["name"] == "h1")
+    assert h1["k"] == 1 and h1["gate_recall"] is not None and h1["images_per_s_b32"] > 0
+    js, png, md = write_results(result, tmp_path / "results")
+    assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
+    mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
+    run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
+    assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime
