@@ -42,7 +42,10 @@ def cmd_eval(args) -> None:
     batches = list(BatchLoader(test_set, args.batch_size, train=False, device=device, prefetch=False))
     size = tuple(test_set.images.shape[1:])
     hydra = isinstance(model, HydraNet)
-    ks = [int(k) for k in args.topk.split(",")] if args.topk else ([model.topk] if hydra else [None])
+    try:
+        ks = [int(k) for k in args.topk.split(",")] if args.topk else ([model.topk] if hydra else [None])
+    except ValueError:
+        raise HydraError(f"--topk {args.topk!r} must be comma-separated integers, e.g. 1,2,4") from None
     if not hydra and args.topk:
         raise HydraError(f"{args.run} is a {ckpt['model_info']['name']} baseline; --topk is for HydraNets")
     rows, candidates = [], {}

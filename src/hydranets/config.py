@@ -15,7 +15,7 @@ from .errors import HydraError
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"          # cifar10 | cifar100 | tiny-imagenet | fashion-mnist | synthetic
+    name: str = "fashion-mnist"          # cifar10 | cifar100 | tiny-imagenet | fashion-mnist | imagefolder | synthetic
     root: str | None = None              # local copy (folder or archive); default: the data set's usual place
     classes: int | None = None           # first N classes only (canonical order)
     download: bool = False
@@ -25,6 +25,8 @@ class DataConfig:
     mixup: float = 0.0                   # Beta(alpha, alpha) mixup of training batches (0: off)
     train_subset: int | None = None      # use only this many training images (quick runs)
     test_subset: int | None = None
+    image_size: int = 224                # imagefolder: random-resized-crop size (train) / centre crop (test)
+    workers: int = 4                     # imagefolder: decoding processes
 
 
 @dataclass

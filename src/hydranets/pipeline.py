@@ -19,7 +19,7 @@ from .errors import HydraError
 from .evaluate import evaluate, resolve_precision
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
-from .train import load_data, load_trained, train
+from .train import CHECKPOINT, load_data, load_trained, train
 
 # Settings that may change between a pipeline run and its resumption.
 _FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats")}
@@ -56,6 +56,17 @@ def check_pipeline_dir(cfg: Config) -> None:
                                      f"not {value!r}; use the same config or another out=")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
+
+
+def check_pipeline_args(cfg: Config) -> None:
+    """Settings that cannot work with this data set, caught before the baseline is trained."""
+    train_set, _ = load_data(cfg)
+    n, h = len(train_set.classes), cfg.hydra
+    if not 1 <= h.num_branches <= n:
+        raise HydraError(f"hydra.num_branches={h.num_branches} must be from 1 to the {n} classes of "
+                         f"{cfg.data.name}; choose at most that many subtasks")
+    if not 1 <= h.topk <= h.num_branches:
+        raise HydraError(f"hydra.topk={h.topk} must be from 1 to hydra.num_branches={h.num_branches}")
 
 
 def compute_partition(cfg: Config, baseline_run: str | Path, out_file: str | Path, num_subsets: int) -> Partition:
@@ -141,6 +152,7 @@ def format_table(result: dict) -> str:
 def run_pipeline(cfg: Config) -> dict:
     """Run (or resume) every step into ``cfg.out`` and return the evaluation."""
     out = Path(cfg.out)
+    check_pipeline_args(cfg)  # bad input fails before anything is trained or written
     check_pipeline_dir(cfg)
     cfg.train.precision = resolve_precision(cfg.train.precision, _device(cfg))
     base_cfg, hydra_cfg = stage_configs(cfg)
@@ -158,7 +170,9 @@ def run_pipeline(cfg: Config) -> dict:
         partition = compute_partition(cfg, base_cfg.out, part_file, cfg.hydra.num_branches)
 
     say(f"3/5 HydraNet B={cfg.hydra.num_branches} k={cfg.hydra.topk} -> {hydra_cfg.out}")
-    train(hydra_cfg, resume=True)
+    hyd_out = Path(hydra_cfg.out)
+    # a fresh HydraNet is not a resumed one: train() copies the baseline's stem (init_stem) only when not resuming
+    train(hydra_cfg, resume=(hyd_out / CHECKPOINT).exists() or (hyd_out / "summary.json").exists())
 
     eval_file = out / "eval.json"
     if eval_file.exists():

@@ -39,6 +39,9 @@ CHECKPOINT = "checkpoints/last.pt"
 def load_data(cfg: Config):
     """Train and test splits as in-memory :class:`~hydranets.data.ImageDataset`."""
     d = cfg.data
+    if d.name == "imagefolder":
+        raise HydraError("data.name=imagefolder is read lazily from disk and cannot be loaded into memory here; "
+                         "use it with `hydranets train`")
     if d.name == "synthetic":
         from .data.synthetic import synthetic_splits
         train_set, test_set = synthetic_splits(d.classes or 10)
@@ -51,6 +54,26 @@ def load_data(cfg: Config):
     if d.test_subset:
         test_set = _subset(test_set, d.test_subset, cfg.train.seed)
     return train_set, test_set
+
+
+def make_loaders(cfg: Config, rt: distributed.Runtime):
+    """Training and test batches on the run's device, the class names and the input channels."""
+    from .data import BatchLoader
+    t, d = cfg.train, cfg.data
+    per_rank = t.batch_size // rt.world_size
+    if d.name == "imagefolder":
+        from .data.imagefolder import FolderBatches
+        if d.root is None:
+            raise HydraError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
+        common = dict(image_size=d.image_size, workers=d.workers, device=rt.device, channels_last=t.channels_last)
+        train_b = FolderBatches(d.root, "train", per_rank, True, seed=t.seed, rank=rt.rank, world_size=rt.world_size,
+                                **common)
+        return train_b, FolderBatches(d.root, "val", t.eval_batch_size, False, **common), train_b.classes, 3
+    train_set, test_set = load_data(cfg)
+    train_b = BatchLoader(train_set, per_rank, train=True, seed=t.seed, device=rt.device, augment=d.augment,
+                          cutout=d.cutout, rank=rt.rank, world_size=rt.world_size, channels_last=t.channels_last)
+    test_b = BatchLoader(test_set, t.eval_batch_size, train=False, device=rt.device, channels_last=t.channels_last)
+    return train_b, test_b, train_set.classes, train_set.images.shape[1]
 
 
 def _subset(ds, n: int, seed: int):
@@ -231,10 +254,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
 
-    from .data import BatchLoader
-    train_set, test_set = load_data(cfg)
-    num_classes, in_chans = len(train_set.classes), train_set.images.shape[1]
-    partition = load_partition(cfg, train_set.classes)
+    loader, test_loader, classes, in_chans = make_loaders(cfg, rt)
+    num_classes = len(classes)
+    partition = load_partition(cfg, classes)
     info = model_info(cfg, num_classes, in_chans)
     model = build_model(info, partition, cfg.hydra.topk)
     hydra = model if isinstance(model, HydraNet) else None
@@ -251,12 +273,6 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     optimizer = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
 
-    per_rank = t.batch_size // rt.world_size
-    loader = BatchLoader(train_set, per_rank, train=True, seed=t.seed, device=rt.device,
-                         augment=cfg.data.augment, cutout=cfg.data.cutout, rank=rt.rank,
-                         world_size=rt.world_size, channels_last=t.channels_last)
-    test_loader = BatchLoader(test_set, t.eval_batch_size, train=False, device=rt.device,
-                              channels_last=t.channels_last)
     total_steps = t.epochs * len(loader)
 
     start_epoch = 0

@@ -147,3 +147,43 @@ def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
                       sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=drop,
                       generator=generator, persistent_workers=workers > 0)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FolderBatches:
+    """An image folder as normalised float batches on ``device``: the interface of :class:`BatchLoader`.
+
+    Decoding and random-resized-crop run in worker processes; normalisation runs on the device.
+    ``set_epoch`` reseeds the shuffle, so the order of a resumed run matches.
+    """
+
+    def __init__(self, root: str | Path, split: str, batch_size: int, train: bool, image_size: int = 224,
+                 workers: int = 4, seed: int = 0, device: str | torch.device = "cpu", rank: int = 0,
+                 world_size: int = 1, channels_last: bool = True) -> None:
+        self.device = torch.device(device)
+        self.seed = seed
+        self.loader = make_imagefolder_loader(root, split, batch_size, image_size, workers, train, seed,
+                                              pin_memory=self.device.type == "cuda", rank=rank,
+                                              world_size=world_size)
+        self.classes: list[str] = self.loader.dataset.classes
+        self.channels_last = channels_last
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+        else:
+            self.loader.generator.manual_seed(self.seed + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+            yield x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)

@@ -1,0 +1,42 @@
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hydranets.config import load_config
+from hydranets.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderBatches
+from hydranets.train import train
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=6, size=40):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) // 2 + 100 * c
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+
+
+def test_folder_batches_normalise_on_the_device(tmp_path):
+    make_folder(tmp_path, size=32)
+    batches = FolderBatches(tmp_path, "val", 4, False, image_size=28, workers=0)
+    x, y = next(iter(batches))
+    assert x.shape == (4, 3, 28, 28) and x.dtype == torch.float32 and batches.classes == ["cat", "dog"]
+    raw = next(iter(batches.loader))[0][:4].float()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (raw / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+    assert len(batches) == 3
+
+
+def test_train_on_an_image_folder(tmp_path):
+    make_folder(tmp_path / "data")
+    cfg = load_config(overrides=[f"out={tmp_path / 'run'}", "data.name=imagefolder", f"data.root={tmp_path / 'data'}",
+                                 "data.image_size=32", "data.workers=0", "model.name=resnet_cifar",
+                                 "model.kwargs={depth: 8, width: 0.5}", "train.epochs=1", "train.batch_size=4",
+                                 "train.progress=false", "train.channels_last=false", "train.precision=fp32"])
+    summary = train(cfg)
+    assert summary["finished"] and summary["num_classes"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0 <= rows[0]["test_top1"] <= 100
