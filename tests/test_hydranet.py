@@ -12,7 +12,7 @@ def hydra() -> HydraNet:
     torch.manual_seed(0)
     model = build_hydranet("resnet20", num_classes=16, num_branches=B, topk=2)
     for m in model.modules():  # non-trivial BN statistics, so eval differs from train
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return model.eval()
@@ -40,7 +40,7 @@ def test_topk_equals_independent_computation(hydra):
             scores = hydra.gate(feats)[0]
             chosen = sorted(range(B), key=lambda b: -scores[b].item())[:2]
             combined = sum(torch.sigmoid(scores[b]) * hydra.branches[b](feats)[0] for b in chosen)
-            torch.testing.assert_close(out[i], hydra.classifier(combined), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out[i], hydra.classifier(hydra.norm(combined[None]))[0], rtol=1e-4, atol=1e-5)
 
 
 def test_each_branch_runs_once_on_only_its_images(hydra):

@@ -1,0 +1,239 @@
+"""The ``hydranets`` command line: models, eval, partition, report, train errors and --help."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydranets import Partition, list_models
+from hydranets.cli import build_parser, main
+from hydranets.config import load_config
+from hydranets.data import BatchLoader
+from hydranets.data.synthetic import synthetic_splits
+from hydranets.evaluate import evaluate
+from hydranets.train import load_trained, train
+
+BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.5}",
+        "data.augment=none", "optim.lr=0.2", "optim.warmup_epochs=0", "train.epochs=3", "train.batch_size=32",
+        "train.precision=fp32", "train.channels_last=false", "train.progress=false", "train.device=cpu",
+        "train.threads=1"]
+CLASSES = [f"class{c}" for c in range(10)]
+SPEED = ["--repeats", "1", "--speed-batch", "32", "--batch-size", "64", "--device", "cpu"]
+SUBCOMMANDS = ("train", "pipeline", "eval", "partition", "report", "models")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread (as train.threads=1 does for training): eval does not oversubscribe a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``hydranets ARGV`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def the_error(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    errors = [l for l in lines if "error" in l.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A trained baseline and a trained HydraNet (2 branches, random subtasks, trained at k=1)."""
+    root = tmp_path_factory.mktemp("cli")
+    part = root / "subtasks.json"
+    Partition([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], 10, CLASSES, "random").save(part)
+    n = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            train(load_config(overrides=[*BASE, f"out={root / 'baseline'}"]))
+            train(load_config(overrides=[*BASE, f"out={root / 'hydranet'}", "hydra.enabled=true",
+                                         "hydra.num_branches=2", "hydra.topk=1", f"hydra.partition={part}"]))
+    finally:
+        torch.set_num_threads(n)
+    return {"baseline": root / "baseline", "hydranet": root / "hydranet"}
+
+
+# ---------------------------------------------------------------- models
+def test_models_lists_registered_names(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    names = out.split()
+    assert names == list_models() and "resnet_cifar" in names and len(names) > 1
+
+
+def test_models_pattern_filters(capsys):
+    code, out, _ = run(capsys, "models", "resnet*")
+    names = out.split()
+    assert code == 0 and names and all(n.startswith("resnet") for n in names)
+    assert set(names) == {n for n in list_models() if n.startswith("resnet")}
+    assert len(names) < len(list_models())
+    code, out, _ = run(capsys, "models", "no-such-model-*")
+    assert code == 0 and out.split() == []
+
+
+# ---------------------------------------------------------------- eval
+def eval_rows(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if "top-1" in l and "MMACs" in l)
+    return [l.split() for l in lines[header + 1:] if l.strip()]
+
+
+@pytest.mark.slow
+def test_eval_sweeps_topk(runs, capsys, tmp_path):
+    rows_file = tmp_path / "rows.json"
+    code, out, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "1,2", "--json", str(rows_file), *SPEED)
+    assert code == 0, err
+    assert "resnet_cifar on synthetic (100 test images)" in out
+    printed = eval_rows(out)
+    assert [r[0] for r in printed] == ["1", "2"]
+    macs = [float(r[4]) for r in printed]
+    assert macs[0] < macs[1]
+    rows = json.loads(rows_file.read_text())
+    assert [r["k"] for r in rows] == [1, 2]
+    assert rows[0]["macs"] < rows[1]["macs"] and rows[0]["active_params"] < rows[1]["active_params"]
+    # an independent evaluation of the same weights on the same test images
+    model, _ = load_trained(runs["hydranet"])
+    _, test_set = synthetic_splits(10)
+    batches = list(BatchLoader(test_set, 50, train=False, channels_last=False, prefetch=False))
+    for printed_row, row in zip(printed, rows):
+        ev = evaluate(model, batches, topk=row["k"], precision="fp32")
+        assert row["top1"] == pytest.approx(ev["top1"]) and row["top5"] == pytest.approx(ev["top5"])
+        assert row["gate_recall"] == pytest.approx(ev["gate_recall"])
+        assert float(printed_row[1]) == pytest.approx(ev["top1"], abs=0.006)
+        assert row["images_per_s"] > 0
+    # and the k the HydraNet was trained at scores what its training measured last
+    summary = json.loads((runs["hydranet"] / "summary.json").read_text())
+    assert rows[0]["top1"] == pytest.approx(summary["test_top1"])
+
+
+@pytest.mark.slow
+def test_eval_of_baseline(runs, capsys):
+    code, out, err = run(capsys, "eval", str(runs["baseline"]), *SPEED)
+    assert code == 0, err
+    (row,) = eval_rows(out)
+    summary = json.loads((runs["baseline"] / "summary.json").read_text())
+    assert row[0] == "-" and float(row[1]) == pytest.approx(summary["test_top1"], abs=0.006)
+
+
+@pytest.mark.slow
+def test_eval_bad_input(runs, capsys, tmp_path):
+    code, _, err = run(capsys, "eval", str(runs["baseline"]), "--topk", "1,2", *SPEED)
+    assert code == 2 and "--topk" in the_error(err) and "baseline" in the_error(err)
+    code, _, err = run(capsys, "eval", str(tmp_path / "missing"), *SPEED)
+    assert code == 2 and "does not exist" in the_error(err)
+    code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "1,x", *SPEED)
+    assert code == 2 and "--topk" in the_error(err)
+    code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "3", *SPEED)
+    assert code == 2 and "topk" in the_error(err)
+
+
+# ---------------------------------------------------------------- partition
+def check_partition(path: Path, method: str) -> Partition:
+    part = Partition.load(path, expected_num_classes=10, expected_class_names=CLASSES)
+    flat = [c for s in part.subsets for c in s]
+    assert sorted(flat) == list(range(10)) and len(flat) == len(set(flat))
+    assert [len(s) for s in part.subsets] == [5, 5] and part.method == method and not part.overlap
+    return part
+
+
+@pytest.mark.slow
+def test_partition_kmeans_default_place_and_overwrite(runs, capsys):
+    default = runs["baseline"] / "partition_kmeans_b2.json"
+    code, out, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--method", "kmeans")
+    assert code == 0, err
+    part = check_partition(default, "kmeans")
+    assert f"saved {default}" in out and "2 subtasks over 10 classes (kmeans)" in out
+    assert all(CLASSES[c] in out for c in range(10))
+    assert part.meta["dataset"] == "synthetic"
+    before = default.read_bytes()
+    code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2")
+    assert code == 2 and "--overwrite" in the_error(err)
+    assert default.read_bytes() == before
+    default.write_text("{}")
+    code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--overwrite")
+    assert code == 0, err
+    assert check_partition(default, "kmeans").subsets == part.subsets  # the same subtasks again
+
+
+@pytest.mark.slow
+def test_partition_random_to_out(runs, capsys, tmp_path):
+    dst = tmp_path / "sub" / "random.json"
+    dst.parent.mkdir()
+    code, out, err = run(capsys, "partition", str(runs["baseline"] / "checkpoints" / "last.pt"), "-B", "2",
+                         "--method", "random", "--seed", "3", "--out", str(dst))
+    assert code == 0, err
+    check_partition(dst, "random")
+    assert f"saved {dst}" in out
+
+
+def test_partition_bad_input(runs, capsys, tmp_path):
+    code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "11", "--out", str(tmp_path / "p.json"))
+    assert code == 2 and "11" in the_error(err) and "10 classes" in the_error(err)
+    assert not (tmp_path / "p.json").exists()
+    code, _, err = run(capsys, "partition", str(tmp_path / "missing"), "-B", "2")
+    assert code == 2 and "does not exist" in the_error(err)
+
+
+# ---------------------------------------------------------------- report, train
+def test_report_without_eval_json(capsys, tmp_path):
+    code, out, err = run(capsys, "report", str(tmp_path))
+    assert code == 2 and "hydranets pipeline" in the_error(err) and "eval.json" in the_error(err)
+    assert out == "" and not (tmp_path / "report.html").exists()
+
+
+def test_train_unknown_key(capsys, tmp_path):
+    code, out, err = run(capsys, "train", *BASE, "train.epocs=1", f"out={tmp_path / 'r'}")
+    assert code == 2 and out == ""
+    assert err.strip() == the_error(err)  # exactly one line
+    assert "train.epocs" in err and "train.epochs" in err  # names the key and the close match
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_bad_value_and_missing_config(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "train.epochs=many", f"out={tmp_path / 'r'}")
+    assert code == 2 and "train.epochs" in the_error(err)
+    code, _, err = run(capsys, "train", "--config", str(tmp_path / "none.yaml"))
+    assert code == 2 and "does not exist" in the_error(err)
+
+
+# ---------------------------------------------------------------- help
+def test_top_level_help_subprocess():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "hydranets", "--help"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert all(cmd in p.stdout for cmd in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and f"usage: hydranets {command}" in out
+    assert out == build_parser()._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_no_command_is_a_usage_error(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "usage: hydranets" in err
