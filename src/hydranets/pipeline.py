@@ -19,7 +19,7 @@ from .errors import HydraError
 from .evaluate import evaluate, resolve_precision
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
-from .train import CHECKPOINT, load_data, load_trained, train
+from .train import load_data, load_trained, train
 
 # Settings that may change between a pipeline run and its resumption.
 _FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats")}
@@ -170,9 +170,7 @@ def run_pipeline(cfg: Config) -> dict:
         partition = compute_partition(cfg, base_cfg.out, part_file, cfg.hydra.num_branches)
 
     say(f"3/5 HydraNet B={cfg.hydra.num_branches} k={cfg.hydra.topk} -> {hydra_cfg.out}")
-    hyd_out = Path(hydra_cfg.out)
-    # a fresh HydraNet is not a resumed one: train() copies the baseline's stem (init_stem) only when not resuming
-    train(hydra_cfg, resume=(hyd_out / CHECKPOINT).exists() or (hyd_out / "summary.json").exists())
+    train(hydra_cfg, resume=True)
 
     eval_file = out / "eval.json"
     if eval_file.exists():

@@ -170,15 +170,12 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 
 # ---------------------------------------------------------------- the run folder
-def prepare_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run unless asked; a resumed run must have the same model and data."""
     finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
-    if overwrite and out.exists():
-        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors",
-                     "config.yaml", "tensorboard"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    elif resume:
+    if overwrite:
+        return
+    if resume:
         if (out / "config.yaml").exists():
             import yaml
             old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
@@ -193,6 +190,15 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> No
                          "--overwrite, or choose another out=")
     elif started:
         raise HydraError(f"run folder {out} holds an unfinished run; pass --resume to continue it or --overwrite")
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Create the run folder; with ``overwrite``, clear what an earlier run left there."""
+    if overwrite and out.exists():
+        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors",
+                     "config.yaml", "tensorboard"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -243,6 +249,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
             print(f"{out}: already finished; nothing to do", file=sys.stderr)
         return json.loads((out / "summary.json").read_text())
     # cheap checks first: bad input must not create, or (with --overwrite) delete, a run folder
+    check_run_dir(out, cfg, resume, overwrite)
     t.precision = resolve_precision(t.precision, rt.device)
     if t.precision == "fp16" and rt.device.type != "cuda":
         raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -260,13 +267,14 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     info = model_info(cfg, num_classes, in_chans)
     model = build_model(info, partition, cfg.hydra.topk)
     hydra = model if isinstance(model, HydraNet) else None
-    if hydra is not None and cfg.hydra.init_from and not resume:
+    fresh = not (resume and (out / CHECKPOINT).exists())
+    if hydra is not None and cfg.hydra.init_from and fresh:
         init_stem_from(hydra, cfg.hydra.init_from)
     teacher = None
     if cfg.distill.teacher and cfg.distill.weight > 0:
         teacher, _ = load_trained(cfg.distill.teacher, rt.device)
     if rt.is_main:  # only now, with data and model built: bad input never creates or clears a run folder
-        prepare_run_dir(out, cfg, resume, overwrite)
+        prepare_run_dir(out, overwrite)
     distributed.barrier(rt)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(rt.device, memory_format=memory_format)
