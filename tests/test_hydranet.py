@@ -151,3 +151,15 @@ def test_widths_are_relative_to_the_backbone_width():
     stem_out = model.stem[-1][-1].body[-1][0].out_channels
     assert stem_out == 16                                        # 32 x 0.5
     assert model.branches[0][0][-1].body[-1][0].out_channels == 16  # 64 x 0.5 x 0.5
+
+
+def test_dispatch_mixes_full_and_partial_branches(hydra):
+    x = torch.randn(3, 3, 32, 32)
+    route = torch.tensor([[0, 1], [0, 2], [1, 0]])   # branch 0 takes every image, 1 and 2 only some
+    with torch.no_grad():
+        out = hydra(x, route=route)
+        feats = hydra.stem(x)
+        s = torch.sigmoid(hydra.gate(feats))
+        combined = torch.stack([sum(s[i, b] * hydra.branches[b](feats[i:i + 1])[0] for b in route[i].tolist())
+                                for i in range(3)])
+        torch.testing.assert_close(out, hydra.classifier(hydra.norm(combined)), rtol=1e-4, atol=1e-5)

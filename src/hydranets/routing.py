@@ -32,10 +32,15 @@ def dispatch(x: torch.Tensor, branches: Sequence[nn.Module], route: torch.Tensor
     for b, count in enumerate(counts):
         if count == 0:
             continue
-        rows = images[start:start + count]
-        y = branches[b](x[rows]) * weights[start:start + count, None].to(x.dtype)
-        out = x.new_zeros(n, out_features, dtype=y.dtype) if out is None else out
-        out = out.index_add(0, rows, y)
+        w = weights[start:start + count, None].to(x.dtype)
+        if count == n:  # every image (stable sort: rows are 0..n-1 in order): no gather, no scatter
+            y = branches[b](x) * w
+            out = y if out is None else out + y
+        else:
+            rows = images[start:start + count]
+            y = branches[b](x[rows]) * w
+            out = x.new_zeros(n, out_features, dtype=y.dtype) if out is None else out
+            out = out.index_add(0, rows, y)
         start += count
     return out if out is not None else x.new_zeros(n, out_features)
 
