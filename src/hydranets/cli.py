@@ -33,6 +33,7 @@ def cmd_eval(args) -> None:
     from .cost import active_params, compare_speed, model_macs
     from .data import BatchLoader
     from .distributed import pick_device
+    from .evaluate import evaluate
     from .hydranet import HydraNet
     from .train import load_data, load_trained
     device = pick_device(args.device)
@@ -51,7 +52,7 @@ def cmd_eval(args) -> None:
     rows, candidates = [], {}
     for k in ks:
         kw = {"topk": k} if hydra else {}
-        ev = evaluate_quiet(model, batches, k, cfg.train.precision)
+        ev = evaluate(model, batches, topk=k, precision=cfg.train.precision)
         rows.append({"k": k, "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                      "macs": model_macs(model, size, **kw), "active_params": active_params(model, k)})
         candidates[str(k)] = (model, kw)
@@ -66,11 +67,6 @@ def cmd_eval(args) -> None:
               f"{r['active_params'] / 1e6:>11.3f}{r['images_per_s']:>10.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-
-
-def evaluate_quiet(model, batches, k, precision):
-    from .evaluate import evaluate
-    return evaluate(model, batches, topk=k, precision=precision)
 
 
 def cmd_partition(args) -> None:
