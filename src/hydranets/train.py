@@ -256,7 +256,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if t.batch_size % (rt.world_size * t.accum_steps):
         raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
                          f"x {t.accum_steps} accumulation step(s)")
-    create_model(cfg.model.name, num_classes=2) if not is_model(cfg.model.name) else None  # name check, before data
+    if not is_model(cfg.model.name):
+        create_model(cfg.model.name)  # raises the unknown-model error (with close matches) before any data is read
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
