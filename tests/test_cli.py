@@ -19,6 +19,7 @@ from hydranets.data import BatchLoader
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import evaluate
 from hydranets.train import load_trained, train
+from helpers import one_error_line
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.5}",
         "data.augment=none", "optim.lr=0.2", "optim.warmup_epochs=0", "train.epochs=3", "train.batch_size=32",
@@ -48,14 +49,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def the_error(err: str) -> str:
-    lines = [l for l in err.splitlines() if l.strip()]
-    errors = [l for l in lines if "error" in l.lower()]
-    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +133,13 @@ def test_eval_of_baseline(runs, capsys):
 @pytest.mark.slow
 def test_eval_bad_input(runs, capsys, tmp_path):
     code, _, err = run(capsys, "eval", str(runs["baseline"]), "--topk", "1,2", *SPEED)
-    assert code == 2 and "--topk" in the_error(err) and "baseline" in the_error(err)
+    assert code == 2 and "--topk" in one_error_line(err) and "baseline" in one_error_line(err)
     code, _, err = run(capsys, "eval", str(tmp_path / "missing"), *SPEED)
-    assert code == 2 and "does not exist" in the_error(err)
+    assert code == 2 and "does not exist" in one_error_line(err)
     code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "1,x", *SPEED)
-    assert code == 2 and "--topk" in the_error(err)
+    assert code == 2 and "--topk" in one_error_line(err)
     code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "3", *SPEED)
-    assert code == 2 and "topk" in the_error(err)
+    assert code == 2 and "topk" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- partition
@@ -169,7 +162,7 @@ def test_partition_kmeans_default_place_and_overwrite(runs, capsys):
     assert part.meta["dataset"] == "synthetic"
     before = default.read_bytes()
     code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2")
-    assert code == 2 and "--overwrite" in the_error(err)
+    assert code == 2 and "--overwrite" in one_error_line(err)
     assert default.read_bytes() == before
     default.write_text("{}")
     code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--overwrite")
@@ -190,32 +183,32 @@ def test_partition_random_to_out(runs, capsys, tmp_path):
 
 def test_partition_bad_input(runs, capsys, tmp_path):
     code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "11", "--out", str(tmp_path / "p.json"))
-    assert code == 2 and "11" in the_error(err) and "10 classes" in the_error(err)
+    assert code == 2 and "11" in one_error_line(err) and "10 classes" in one_error_line(err)
     assert not (tmp_path / "p.json").exists()
     code, _, err = run(capsys, "partition", str(tmp_path / "missing"), "-B", "2")
-    assert code == 2 and "does not exist" in the_error(err)
+    assert code == 2 and "does not exist" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- report, train
 def test_report_without_eval_json(capsys, tmp_path):
     code, out, err = run(capsys, "report", str(tmp_path))
-    assert code == 2 and "hydranets pipeline" in the_error(err) and "eval.json" in the_error(err)
+    assert code == 2 and "hydranets pipeline" in one_error_line(err) and "eval.json" in one_error_line(err)
     assert out == "" and not (tmp_path / "report.html").exists()
 
 
 def test_train_unknown_key(capsys, tmp_path):
     code, out, err = run(capsys, "train", *BASE, "train.epocs=1", f"out={tmp_path / 'r'}")
     assert code == 2 and out == ""
-    assert err.strip() == the_error(err)  # exactly one line
+    assert err.strip() == one_error_line(err)  # exactly one line
     assert "train.epocs" in err and "train.epochs" in err  # names the key and the close match
     assert not (tmp_path / "r").exists()
 
 
 def test_train_bad_value_and_missing_config(capsys, tmp_path):
     code, _, err = run(capsys, "train", "train.epochs=many", f"out={tmp_path / 'r'}")
-    assert code == 2 and "train.epochs" in the_error(err)
+    assert code == 2 and "train.epochs" in one_error_line(err)
     code, _, err = run(capsys, "train", "--config", str(tmp_path / "none.yaml"))
-    assert code == 2 and "does not exist" in the_error(err)
+    assert code == 2 and "does not exist" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- help

@@ -17,6 +17,7 @@ import hydranets.train as train_mod
 from hydranets import Partition
 from hydranets.cli import main
 from hydranets.train import CHECKPOINT, read_metrics
+from helpers import one_error_line, snapshot
 
 # Small: 10 classes of 16x16 images, a ResNet-8 at half width, fp32 and contiguous (PyTorch 2.13's CPU backward of
 # channels_last 1x1 stride-2 convolutions corrupts the heap), three baseline epochs (about 95% top-1) and two
@@ -53,21 +54,8 @@ def pipeline(capsys, out: Path, *extra: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def mtimes(folder: Path) -> dict[str, int]:
     return {run: (folder / run / CHECKPOINT).stat().st_mtime_ns for run in ("baseline", "hydranet")}
-
-
-def one_error_line(err: str) -> str:
-    """The error: one line, the last on stderr (after any progress lines), no traceback."""
-    lines = [l for l in err.splitlines() if l.strip()]
-    errors = [l for l in lines if "error" in l.lower()]
-    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

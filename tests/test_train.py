@@ -21,6 +21,7 @@ from hydranets.cli import main
 from hydranets.config import load_config
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.train import CHECKPOINT, lr_at, read_metrics, train
+from helpers import one_error_line, snapshot
 
 # Small and deterministic. channels_last is off: PyTorch 2.13's CPU backward of a channels_last 1x1 stride-2
 # convolution from 4 to 8 channels (the first stage change of resnet_cifar at width 0.25) corrupts the heap.
@@ -58,19 +59,6 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
-
-
-def assert_one_error_line(err: str, *words: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    for w in words:
-        assert w in errors[0], (w, errors[0])
-    return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def load_ckpt(run: Path) -> dict:
@@ -228,7 +216,7 @@ def test_gradient_accumulation(tmp_path):
 def test_batch_must_divide_over_accumulation(tmp_path, capsys):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", "train.accum_steps=3")
     assert code == 2
-    assert_one_error_line(err, "train.batch_size=16", "3 accumulation")
+    one_error_line(err, "train.batch_size=16", "3 accumulation")
     assert not (tmp_path / "run").exists()
 
 
@@ -291,7 +279,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, capsys, precision):
 def test_unknown_key_via_cli(tmp_path):
     r = cli(*BASE, f"out={tmp_path / 'run'}", "train.epoch=3")
     assert r.returncode == 2
-    assert_one_error_line(r.stderr, "'train.epoch'", "did you mean 'train.epochs'")
+    one_error_line(r.stderr, "'train.epoch'", "did you mean 'train.epochs'")
     assert r.stderr.strip().count("\n") == 0
     assert not (tmp_path / "run").exists()
 
@@ -306,7 +294,7 @@ def test_unknown_key_via_cli(tmp_path):
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)
     assert code == 2
-    assert_one_error_line(err, *words)
+    one_error_line(err, *words)
     assert not (tmp_path / "run").exists()
 
 
@@ -326,7 +314,7 @@ def test_float_keys_take_scientific_notation(tmp_path):
 def test_missing_config_file(tmp_path, capsys):
     code, err = run_main(capsys, "--config", str(tmp_path / "nope.yaml"), *BASE, f"out={tmp_path / 'run'}")
     assert code == 2
-    assert_one_error_line(err, "nope.yaml", "does not exist")
+    one_error_line(err, "nope.yaml", "does not exist")
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +332,7 @@ def test_finished_run_is_refused(finished, capsys):
     before = snapshot(finished)
     code, err = run_main(capsys, *BASE, f"out={finished}", "train.epochs=1")
     assert code == 2
-    assert_one_error_line(err, str(finished), "finished run", "--resume", "--overwrite")
+    one_error_line(err, str(finished), "finished run", "--resume", "--overwrite")
     assert snapshot(finished) == before
 
 
@@ -359,7 +347,7 @@ def test_overwrite_with_bad_model_keeps_the_run(finished, capsys):
     before = snapshot(finished)
     code, err = run_main(capsys, *BASE, f"out={finished}", "model.name=resnet_nope", "--overwrite")
     assert code == 2
-    assert_one_error_line(err, "unknown model 'resnet_nope'")
+    one_error_line(err, "unknown model 'resnet_nope'")
     assert snapshot(finished) == before
 
 
@@ -405,7 +393,7 @@ def diverged(tmp_path_factory) -> tuple[Path, bytes, int, str]:
 def test_nan_loss_is_a_clear_error(diverged):
     out, epoch1, code, err = diverged
     assert code == 2
-    assert_one_error_line(err, "loss became", "epoch 2", f"last good checkpoint is kept in {out / CHECKPOINT}",
+    one_error_line(err, "loss became", "epoch 2", f"last good checkpoint is kept in {out / CHECKPOINT}",
                           "optim.lr")
     assert (out / CHECKPOINT).read_bytes() == epoch1             # the epoch-1 checkpoint, unchanged
     ckpt = load_ckpt(out)
@@ -421,7 +409,7 @@ def test_nan_loss_after_resume_with_huge_lr(diverged, capsys):
     code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.schedule=constant",
                          "optim.lr=1e30", "--resume")
     assert code == 2
-    assert_one_error_line(err, "loss became", "epoch 2", str(out / CHECKPOINT))
+    one_error_line(err, "loss became", "epoch 2", str(out / CHECKPOINT))
     assert (out / CHECKPOINT).read_bytes() == epoch1
     assert (out / "metrics.jsonl").read_bytes() == metrics
     assert not (out / "summary.json").exists()
@@ -432,7 +420,7 @@ def test_nan_loss_in_first_epoch_via_cli(tmp_path):
     r = cli(*BASE, f"out={out}", "train.epochs=1", "optim.lr=1e30", "optim.warmup_epochs=0",
             "optim.schedule=constant", "data.train_subset=64")
     assert r.returncode == 2
-    assert_one_error_line(r.stderr, "loss became", "epoch 1", "optim.lr",
+    one_error_line(r.stderr, "loss became", "epoch 1", "optim.lr",
                           f"no checkpoint was written yet ({out / CHECKPOINT})")
     assert not (out / CHECKPOINT).exists() and not (out / "summary.json").exists()
 
@@ -448,7 +436,7 @@ def test_resume_with_other_model_is_refused(diverged, capsys, override, words):
     before = snapshot(out)
     code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", override, "--resume")
     assert code == 2
-    assert_one_error_line(err, str(out), *words)
+    one_error_line(err, str(out), *words)
     assert snapshot(out) == before
 
 
@@ -457,7 +445,7 @@ def test_unfinished_run_needs_resume(diverged, capsys):
     before = snapshot(out)
     code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2")
     assert code == 2
-    assert_one_error_line(err, "unfinished run", "--resume")
+    one_error_line(err, "unfinished run", "--resume")
     assert snapshot(out) == before
 
 
@@ -475,7 +463,7 @@ def test_resume_checks_the_checkpoint_itself(diverged, capsys, tmp_path, overrid
     base = [a for a in BASE if not a.startswith("model.kwargs=")]
     code, err = run_main(capsys, *base, f"out={out}", "train.epochs=2", *overrides, "--resume")
     assert code == 2
-    assert_one_error_line(err, f"checkpoint {out / CHECKPOINT}", *words)
+    one_error_line(err, f"checkpoint {out / CHECKPOINT}", *words)
     assert snapshot(out) == before
 
 
