@@ -1,6 +1,6 @@
 """HydraNet family vs baseline family on real data: the paper's claim, measured here.
 
-    python benchmarks/pareto.py --config configs/bench/tin100-cpu.yaml [key=value ...] [--train-only]
+    python benchmarks/pareto.py --config configs/bench/tin100-cpu.yaml [key=value ...] [--train-only] [--only NAME ...]
 
 Trains every model of the protocol (each its own resumable run folder: a rerun skips what finished),
 computes the subtasks from the named baseline, evaluates all models in one process and writes
@@ -21,10 +21,12 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="protocol YAML (configs/bench/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the shared base config")
     ap.add_argument("--train-only", action="store_true", help="train what is missing, skip evaluation")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="train just these entries (their baseline must have "
+                    "finished); with several processes, each its own entries")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     try:
-        result = run_protocol(load_protocol(args.config, args.overrides), only_train=args.train_only)
+        result = run_protocol(load_protocol(args.config, args.overrides), only_train=args.train_only, only=args.only)
         if result is not None:
             paths = write_results(result, args.results)
             print(Path(paths[2]).read_text())

@@ -163,3 +163,51 @@ def test_dispatch_mixes_full_and_partial_branches(hydra):
         combined = torch.stack([sum(s[i, b] * hydra.branches[b](feats[i:i + 1])[0] for b in route[i].tolist())
                                 for i in range(3)])
         torch.testing.assert_close(out, hydra.classifier(hydra.norm(combined)), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- upcycling from a trained baseline
+def _baseline_checkpoint(tmp_path, depth: int = 8, width: float = 0.5, num_classes: int = 6):
+    from hydranets.checkpoint import atomic_save
+    torch.manual_seed(1)
+    base = create_model("resnet_cifar", num_classes=num_classes, depth=depth, width=width)
+    with torch.no_grad():  # BN statistics that are not the identity, so a wrong copy shows
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "baseline.pt"
+    atomic_save({"model": base.state_dict(), "model_info": {}}, path)
+    return base.eval(), path
+
+
+def test_upcycle_makes_every_branch_the_baselines_tail(tmp_path):
+    from hydranets.train import init_stem_from
+    base, path = _baseline_checkpoint(tmp_path)
+    hyd = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=1.0, gate_width=0.5,
+                         depth=8, width=0.5)
+    init_stem_from(hyd, str(path), upcycle=True)
+    hyd.eval()
+    x = torch.randn(5, 3, 16, 16)
+    expected = base.forward_features(x)
+    feats = hyd.stem(x)
+    for branch in hyd.branches:  # projection is the identity: the branch's output is the baseline's features
+        torch.testing.assert_close(branch(feats), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hyd.classifier(expected), base(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path):
+    from hydranets.train import init_stem_from
+    base, path = _baseline_checkpoint(tmp_path)
+    hyd = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=1.0, depth=8, width=0.5)
+    init_stem_from(hyd, str(path))
+    x = torch.randn(4, 3, 16, 16)
+    hyd.eval()
+    expected = x
+    for stage in base.stages[:len(hyd.stem)]:
+        expected = stage(expected)
+    torch.testing.assert_close(hyd.stem(x), expected)
+    assert not torch.allclose(hyd.branches[0](hyd.stem(x)), base.forward_features(x))
+    narrow = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=0.5, depth=8, width=0.5)
+    with pytest.raises(HydraError, match="branch_width=1.0"):
+        init_stem_from(narrow, str(path), upcycle=True)

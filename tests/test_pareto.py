@@ -64,10 +64,23 @@ def test_small_protocol_end_to_end(tmp_path):
                       {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
         "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"},
                        "hydra": {"num_branches": 2, "topk": 1}}],
+        "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2}}],
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    with pytest.raises(HydraError, match="--only 'h9' is not an entry"):
+        run_protocol(load_protocol(tmp_path / "p.yaml"), only=["h9"])
+    with pytest.raises(HydraError, match=r"partition_from baseline .*b1 has not finished training"):
+        run_protocol(load_protocol(tmp_path / "p.yaml"), only=["h1"])  # its subtasks need b1, which is not trained
+    assert not (tmp_path / "runs" / "h1").exists()
+    run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b1"])
+    assert (tmp_path / "runs" / "b1" / "summary.json").exists() and not (tmp_path / "runs" / "b2").exists()
     result = run_protocol(load_protocol(tmp_path / "p.yaml"))
-    assert [r["name"] for r in result["rows"]] == ["b1", "b2", "h1", "h2", "a1"]
+    assert [(r["name"], r["family"]) for r in result["rows"]] == [
+        ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
+        ("c1", "check")]
+    assert next(r for r in result["rows"] if r["name"] == "c1")["epochs"] == 2
+    best = max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
+    assert result["macs"]["baseline_best_top1"] == best  # checks stay off the baseline curve
     assert {p.name for p in (tmp_path / "runs").glob("partition_*.json")} == {"partition_kmeans_b2.json",
                                                                               "partition_kmeans_b4.json",
                                                                               "partition_random_b2.json"}

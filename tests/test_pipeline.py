@@ -64,9 +64,9 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     real, calls = train_mod.init_stem_from, []
 
-    def spy(model, path):
+    def spy(model, path, *rest):
         calls.append(str(path))
-        return real(model, path)
+        return real(model, path, *rest)
 
     o, e, n = io.StringIO(), io.StringIO(), torch.get_num_threads()
     train_mod.init_stem_from = spy  # capsys and monkeypatch are per test

@@ -25,7 +25,7 @@ from .pipeline import _device, compute_partition
 from .train import load_data, load_trained, train
 
 PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
-                 "speed_batches", "speed_repeats"}
+                 "checks", "speed_batches", "speed_repeats"}
 
 
 def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -43,7 +43,7 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
         if key not in proto:
             raise HydraError(f"protocol {path} lacks {key!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
-    for entry in proto["baselines"] + proto["hydranets"] + proto.get("ablations", []):
+    for entry in proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", []):
         model_config(proto, entry)  # check every entry before training anything
     return proto
 
@@ -99,12 +99,28 @@ def compare_families(baseline: list[tuple[float, float]], hydra: list[tuple[floa
             "shared_cost_range": [lo, hi] if lo <= hi else None}
 
 
-def run_protocol(proto: dict, only_train: bool = False) -> dict | None:
-    """Train what is missing (resuming), then evaluate all models and write the results."""
+def _finished(cfg: Config, role: str) -> str:
+    if not (Path(cfg.out) / "summary.json").exists():
+        raise HydraError(f"{role} {cfg.out} has not finished training; train it first "
+                         f"(run without --only, or with --only {Path(cfg.out).name})")
+    return cfg.out
+
+
+def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None = None) -> dict | None:
+    """Train what is missing (resuming), then evaluate all models and write the results.
+
+    ``only`` trains just the named entries (the runs they start from must have finished) and evaluates nothing, so that
+    several processes can share one protocol's work without touching the same run folder.
+    """
     out = Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
     out.mkdir(parents=True, exist_ok=True)
     say = lambda m: print(f"[bench {proto['protocol']}] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    for entry in proto["baselines"]:
+    entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    unknown = sorted(set(only or []) - {e["name"] for e in entries})
+    if unknown:
+        raise HydraError(f"--only {unknown[0]!r} is not an entry of protocol {proto['protocol']}")
+    wanted = lambda e: only is None or e["name"] in only  # noqa: E731
+    for entry in filter(wanted, proto["baselines"]):
         say(f"baseline {entry['name']}")
         train(model_config(proto, entry), resume=True)
     src = next((e for e in proto["baselines"] if e["name"] == proto["partition_from"]), None)
@@ -118,6 +134,7 @@ def run_protocol(proto: dict, only_train: bool = False) -> dict | None:
         if key not in partitions:
             path = out / f"partition_{key}.json"
             if not path.exists():
+                _finished(src_cfg, "partition_from baseline")
                 say(f"subtasks {key} from {src['name']}")
                 cfg = copy.deepcopy(src_cfg)
                 cfg.partition.method = method
@@ -125,20 +142,23 @@ def run_protocol(proto: dict, only_train: bool = False) -> dict | None:
             partitions[key] = path
         return partitions[key]
 
-    hydra_entries = proto["hydranets"] + proto.get("ablations", [])
-    for entry in hydra_entries:
+    for entry in filter(wanted, proto["hydranets"] + proto.get("ablations", [])):
         cfg = model_config(proto, entry)
         cfg.hydra.enabled = True
         cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches))
         if cfg.hydra.init_from == "baseline":  # the trained baseline of the same backbone, if the protocol has one
             same = [model_config(proto, e) for e in proto["baselines"]]
             same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
-            cfg.hydra.init_from = same[0].out if same and cfg.hydra.stem_width == 1.0 else None
+            cfg.hydra.init_from = _finished(same[0], "init_from baseline") if same and cfg.hydra.stem_width == 1.0 \
+                else None
         if cfg.distill.teacher == "baseline":
-            cfg.distill.teacher = src_cfg.out
+            cfg.distill.teacher = _finished(src_cfg, "distill.teacher baseline")
         say(f"hydranet {entry['name']}")
         train(cfg, resume=True)
-    if only_train:
+    for entry in filter(wanted, proto.get("checks", [])):  # plain networks outside the families, e.g. a baseline trained twice as long
+        say(f"check {entry['name']}")
+        train(model_config(proto, entry), resume=True)
+    if only_train or only:
         return None
     return evaluate_protocol(proto, out)
 
@@ -153,7 +173,7 @@ def evaluate_protocol(proto: dict, out: Path) -> dict:
     size = tuple(test_set.images.shape[1:])
     rows, candidates = [], {}
     for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
-                            ("ablation", proto.get("ablations", []))):
+                            ("ablation", proto.get("ablations", [])), ("check", proto.get("checks", []))):
         for entry in entries:
             run = Path(model_config(proto, entry).out)
             model, ckpt = load_trained(run, device)

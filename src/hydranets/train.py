@@ -140,16 +140,50 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
-def init_stem_from(model: HydraNet, path: str) -> None:
-    """Copy a trained baseline's stages into the HydraNet's stem (same backbone and stem width)."""
+def init_stem_from(model: HydraNet, path: str, upcycle: bool = False) -> None:
+    """Copy a trained baseline's stages into the HydraNet's stem (same backbone and stem width).
+
+    With ``upcycle`` every branch also starts as a copy of the baseline's later stages (branch_width
+    1.0), its projection as the identity, and the classifier as the baseline's: each branch begins as
+    the trained network's tail and specialises from there.
+    """
     ckpt = load_checkpoint(resolve_checkpoint(path))
-    own = model.stem.state_dict()
-    theirs = {k[len("stages."):]: v for k, v in ckpt["model"].items() if k.startswith("stages.")}
-    missing = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+    theirs = ckpt["model"]
+    _copy_into(model.stem, {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")},
+               path, "stem", "hydra.stem_width=1.0")
+    if not upcycle:
+        return
+    split, tail = len(model.stem), len(model.branches[0]) - 4
+    mapped = {}
+    for key, value in theirs.items():
+        head, _, rest = key.partition(".")
+        if head == "stages" and int(rest.split(".")[0]) >= split:
+            index, _, rest = rest.partition(".")
+            mapped[f"{int(index) - split}.{rest}"] = value
+        elif head == "final":
+            mapped[f"{tail}.{rest}"] = value
+    for branch in model.branches:
+        _copy_into(branch, mapped, path, "branches", "hydra.branch_width=1.0", skip=f"{tail + 3}.")
+        proj = branch[-1]
+        if proj.in_features != proj.out_features:
+            raise HydraError(f"hydra.upcycle needs hydra.feature_dim equal to the branch width ({proj.in_features}), "
+                             f"got {proj.out_features}")
+        with torch.no_grad():
+            proj.weight.copy_(torch.eye(proj.in_features))
+            proj.bias.zero_()
+    if tuple(theirs["fc.weight"].shape) != tuple(model.classifier.weight.shape):
+        raise HydraError(f"hydra.upcycle: the baseline's classifier {tuple(theirs['fc.weight'].shape)} does not fit "
+                         f"this HydraNet's {tuple(model.classifier.weight.shape)}")
+    model.classifier.load_state_dict({"weight": theirs["fc.weight"], "bias": theirs["fc.bias"]})
+
+
+def _copy_into(module: nn.Module, source: dict, path: str, part: str, fix: str, skip: str | None = None) -> None:
+    own = {k: v for k, v in module.state_dict().items() if skip is None or not k.startswith(skip)}
+    missing = [k for k in own if k not in source or source[k].shape != own[k].shape]
     if missing:
-        raise HydraError(f"hydra.init_from {path}: its stages do not fit this stem (first: {missing[0]}); "
-                         "use a baseline of the same backbone and hydra.stem_width=1.0")
-    model.stem.load_state_dict({k: theirs[k] for k in own})
+        raise HydraError(f"hydra.init_from {path}: its stages do not fit the HydraNet's {part} (first: {missing[0]}); "
+                         f"use a baseline of the same backbone and {fix}")
+    module.load_state_dict({k: source[k] for k in own}, strict=skip is None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -256,6 +290,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if t.batch_size % (rt.world_size * t.accum_steps):
         raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
                          f"x {t.accum_steps} accumulation step(s)")
+    if cfg.hydra.enabled and cfg.hydra.upcycle and not cfg.hydra.init_from:
+        raise HydraError("hydra.upcycle=true needs hydra.init_from=BASELINE_RUN (the trained network to copy)")
     if not is_model(cfg.model.name):
         create_model(cfg.model.name)  # raises the unknown-model error (with close matches) before any data is read
     if t.threads:
@@ -270,7 +306,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     hydra = model if isinstance(model, HydraNet) else None
     fresh = not (resume and (out / CHECKPOINT).exists())
     if hydra is not None and cfg.hydra.init_from and fresh:
-        init_stem_from(hydra, cfg.hydra.init_from)
+        init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
     teacher = None
     if cfg.distill.teacher and cfg.distill.weight > 0:
         teacher, _ = load_trained(cfg.distill.teacher, rt.device)
