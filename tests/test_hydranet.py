@@ -186,7 +186,7 @@ def test_upcycle_makes_every_branch_the_baselines_tail(tmp_path):
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=1.0, gate_width=0.5,
                          depth=8, width=0.5)
-    init_stem_from(hyd, str(path), upcycle=True)
+    assert init_stem_from(hyd, str(path), upcycle=True) is True
     hyd.eval()
     x = torch.randn(5, 3, 16, 16)
     expected = base.forward_features(x)
@@ -200,7 +200,7 @@ def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path
     from hydranets.train import init_stem_from
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=1.0, depth=8, width=0.5)
-    init_stem_from(hyd, str(path))
+    assert init_stem_from(hyd, str(path)) is False
     x = torch.randn(4, 3, 16, 16)
     hyd.eval()
     expected = x
@@ -209,5 +209,7 @@ def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path
     torch.testing.assert_close(hyd.stem(x), expected)
     assert not torch.allclose(hyd.branches[0](hyd.stem(x)), base.forward_features(x))
     narrow = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=0.5, depth=8, width=0.5)
-    with pytest.raises(HydraError, match="branch_width=1.0"):
+    with pytest.raises(HydraError, match=r"needs its tensor 0.0.body.0.0.weight \(16, 16, 3, 3\) \(the baseline has \(32, 16, 3, 3\)\).*width=1.0"):
         init_stem_from(narrow, str(path), upcycle=True)
+    assert init_stem_from(narrow, str(path), upcycle=None) is False  # auto: where the widths fit
+    assert init_stem_from(hyd, str(path), upcycle=None) is True

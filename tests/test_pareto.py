@@ -50,7 +50,7 @@ def test_protocol_with_unknown_key_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_protocol_end_to_end(tmp_path):
+def test_small_protocol_end_to_end(tmp_path, capsys):
     tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
     proto = {
         "protocol": "smoke", "out": str(tmp_path / "runs"), "partition_from": "b1", "speed_batches": [32],
@@ -60,7 +60,8 @@ def test_small_protocol_end_to_end(tmp_path):
                  "optim": {"lr": 0.05}},
         "baselines": [{"name": "b1", "model": tiny},
                       {"name": "b2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}}}],
-        "hydranets": [{"name": "h1", "model": tiny, "hydra": {"num_branches": 2, "topk": 1, "init_from": "baseline"}},
+        "hydranets": [{"name": "h1", "model": tiny,
+                       "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "baseline"}},
                       {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
         "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"},
                        "hydra": {"num_branches": 2, "topk": 1}}],
@@ -75,6 +76,7 @@ def test_small_protocol_end_to_end(tmp_path):
     run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b1"])
     assert (tmp_path / "runs" / "b1" / "summary.json").exists() and not (tmp_path / "runs" / "b2").exists()
     result = run_protocol(load_protocol(tmp_path / "p.yaml"))
+    assert f"stem from {tmp_path / 'runs' / 'b1'}; every branch upcycled" in capsys.readouterr().err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("c1", "check")]

@@ -290,6 +290,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("optim.schedule=linear", ["optim.schedule", "onecycle, cosine, constant"]),
     ("model.name=resnet_cifr", ["unknown model 'resnet_cifr'", "resnet_cifar"]),
     ("model.kwargs={widht: 0.5}", ["'resnet_cifar'", "model.kwargs=", "'widht'"]),
+    ("hydra={enabled: true, upcycle: true, gate_loss: 0}", ["hydra.upcycle=true needs hydra.init_from"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

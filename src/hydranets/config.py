@@ -53,7 +53,7 @@ class HydraConfig:
     routing: str = "topk"                # soft | topk | oracle: routing while training (evaluation is top-k)
     oracle_epochs: float = 0.0           # route by the true subtask at first, annealed to the gate over these epochs
     init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed)
-    upcycle: bool = False                # with init_from: every branch also starts as the baseline's tail
+    upcycle: bool | None = None          # with init_from, branches start as the baseline's tail (None: where widths fit)
 
 
 @dataclass

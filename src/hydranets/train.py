@@ -140,19 +140,20 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
-def init_stem_from(model: HydraNet, path: str, upcycle: bool = False) -> None:
+def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> bool:
     """Copy a trained baseline's stages into the HydraNet's stem (same backbone and stem width).
 
     With ``upcycle`` every branch also starts as a copy of the baseline's later stages (branch_width
     1.0), its projection as the identity, and the classifier as the baseline's: each branch begins as
-    the trained network's tail and specialises from there.
+    the trained network's tail and specialises from there. ``None`` upcycles where the widths allow.
+    Returns whether the branches were upcycled.
     """
     ckpt = load_checkpoint(resolve_checkpoint(path))
     theirs = ckpt["model"]
     _copy_into(model.stem, {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")},
                path, "stem", "hydra.stem_width=1.0")
-    if not upcycle:
-        return
+    if upcycle is False:
+        return False
     split, tail = len(model.stem), len(model.branches[0]) - 4
     mapped = {}
     for key, value in theirs.items():
@@ -162,28 +163,42 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool = False) -> None:
             mapped[f"{int(index) - split}.{rest}"] = value
         elif head == "final":
             mapped[f"{tail}.{rest}"] = value
+    proj, skip = model.branches[0][-1], f"{tail + 3}."
+    problem = _misfit(model.branches[0], mapped, skip)
+    if problem is None and proj.in_features != proj.out_features:
+        problem = f"hydra.feature_dim equal to the branch width ({proj.in_features}), got {proj.out_features}"
+    if problem is None and tuple(theirs["fc.weight"].shape) != tuple(model.classifier.weight.shape):
+        problem = (f"the baseline's classifier {tuple(theirs['fc.weight'].shape)} to fit this HydraNet's "
+                   f"{tuple(model.classifier.weight.shape)}")
+    if problem is not None:
+        if upcycle is None:
+            return False
+        raise HydraError(f"hydra.upcycle from {path} needs {problem}; use hydra.branch_width=1.0 with a baseline of "
+                         "the same backbone, or hydra.upcycle=false")
     for branch in model.branches:
-        _copy_into(branch, mapped, path, "branches", "hydra.branch_width=1.0", skip=f"{tail + 3}.")
-        proj = branch[-1]
-        if proj.in_features != proj.out_features:
-            raise HydraError(f"hydra.upcycle needs hydra.feature_dim equal to the branch width ({proj.in_features}), "
-                             f"got {proj.out_features}")
+        branch.load_state_dict({k: mapped[k] for k in branch.state_dict() if not k.startswith(skip)}, strict=False)
         with torch.no_grad():
-            proj.weight.copy_(torch.eye(proj.in_features))
-            proj.bias.zero_()
-    if tuple(theirs["fc.weight"].shape) != tuple(model.classifier.weight.shape):
-        raise HydraError(f"hydra.upcycle: the baseline's classifier {tuple(theirs['fc.weight'].shape)} does not fit "
-                         f"this HydraNet's {tuple(model.classifier.weight.shape)}")
+            branch[-1].weight.copy_(torch.eye(proj.in_features))
+            branch[-1].bias.zero_()
     model.classifier.load_state_dict({"weight": theirs["fc.weight"], "bias": theirs["fc.bias"]})
+    return True
 
 
-def _copy_into(module: nn.Module, source: dict, path: str, part: str, fix: str, skip: str | None = None) -> None:
-    own = {k: v for k, v in module.state_dict().items() if skip is None or not k.startswith(skip)}
-    missing = [k for k in own if k not in source or source[k].shape != own[k].shape]
-    if missing:
-        raise HydraError(f"hydra.init_from {path}: its stages do not fit the HydraNet's {part} (first: {missing[0]}); "
+def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | None:
+    """The first of ``module``'s tensors that ``source`` lacks or has in another shape, described."""
+    for k, v in module.state_dict().items():
+        if (skip is None or not k.startswith(skip)) and (k not in source or source[k].shape != v.shape):
+            return f"its tensor {k} {tuple(v.shape)} (the baseline has " + \
+                (f"{tuple(source[k].shape)})" if k in source else "none)")
+    return None
+
+
+def _copy_into(module: nn.Module, source: dict, path: str, part: str, fix: str) -> None:
+    problem = _misfit(module, source)
+    if problem:
+        raise HydraError(f"hydra.init_from {path}: its stages do not fit the HydraNet's {part} ({problem}); "
                          f"use a baseline of the same backbone and {fix}")
-    module.load_state_dict({k: source[k] for k in own}, strict=skip is None)
+    module.load_state_dict({k: source[k] for k in module.state_dict()})
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -290,7 +305,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if t.batch_size % (rt.world_size * t.accum_steps):
         raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
                          f"x {t.accum_steps} accumulation step(s)")
-    if cfg.hydra.enabled and cfg.hydra.upcycle and not cfg.hydra.init_from:
+    if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
         raise HydraError("hydra.upcycle=true needs hydra.init_from=BASELINE_RUN (the trained network to copy)")
     if not is_model(cfg.model.name):
         create_model(cfg.model.name)  # raises the unknown-model error (with close matches) before any data is read
@@ -306,7 +321,11 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     hydra = model if isinstance(model, HydraNet) else None
     fresh = not (resume and (out / CHECKPOINT).exists())
     if hydra is not None and cfg.hydra.init_from and fresh:
-        init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
+        upcycled = init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
+        if rt.is_main:
+            print(f"stem from {cfg.hydra.init_from}; " + ("every branch upcycled from its last stages" if upcycled else
+                  "branches start fresh" + (" (upcycling needs hydra.branch_width=1.0)"
+                                            if cfg.hydra.upcycle is None else "")), file=sys.stderr)
     teacher = None
     if cfg.distill.teacher and cfg.distill.weight > 0:
         teacher, _ = load_trained(cfg.distill.teacher, rt.device)
