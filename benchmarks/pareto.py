@@ -1,6 +1,6 @@
 """HydraNet family vs baseline family on real data: the paper's claim, measured here.
 
-    python benchmarks/pareto.py --config configs/bench/tin100-cpu.yaml [key=value ...] [--train-only] [--only NAME ...]
+    python benchmarks/pareto.py --config configs/bench/tin100-cpu.yaml [key=value ...] [--train-only | --only NAME ... | --eval-only]
 
 Trains every model of the protocol (each its own resumable run folder: a rerun skips what finished),
 computes the subtasks from the named baseline, evaluates all models in one process and writes
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hydranets.errors import HydraError
-from hydranets.pareto import load_protocol, run_protocol, write_results
+from hydranets.pareto import evaluate_protocol, load_protocol, run_protocol, write_results
 
 
 def main() -> None:
@@ -23,10 +23,14 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train what is missing, skip evaluation")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="train just these entries (their baseline must have "
                     "finished); with several processes, each its own entries")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate what has finished training (baselines and "
+                    "HydraNets must have; ablations and checks that have not are listed as not run)")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     try:
-        result = run_protocol(load_protocol(args.config, args.overrides), only_train=args.train_only, only=args.only)
+        proto = load_protocol(args.config, args.overrides)
+        result = evaluate_protocol(proto) if args.eval_only else \
+            run_protocol(proto, only_train=args.train_only, only=args.only)
         if result is not None:
             paths = write_results(result, args.results)
             print(Path(paths[2]).read_text())

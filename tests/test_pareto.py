@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from hydranets import HydraError
-from hydranets.pareto import compare_families, frontier, load_protocol, run_protocol, write_results
+from hydranets.pareto import (compare_families, evaluate_protocol, frontier, load_protocol, markdown_table, run_protocol,
+                              write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,11 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
                                                                               "partition_random_b2.json"}
     h1 = next(r for r in result["rows"] if r["name"] == "h1")
     assert h1["k"] == 1 and h1["gate_recall"] is not None and h1["images_per_s_b32"] > 0
+    proto["ablations"].append({"name": "a2", "model": tiny, "hydra": {"num_branches": 2, "topk": 2}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    partial = evaluate_protocol(load_protocol(tmp_path / "p.yaml"))  # a2 never trained: listed, not evaluated
+    assert partial["not_run"] == ["a2"] and [r["name"] for r in partial["rows"]] == [r["name"] for r in result["rows"]]
+    assert "Not trained, so not in the table: a2" in markdown_table(partial)
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime

@@ -160,10 +160,11 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         train(model_config(proto, entry), resume=True)
     if only_train or only:
         return None
-    return evaluate_protocol(proto, out)
+    return evaluate_protocol(proto)
 
 
-def evaluate_protocol(proto: dict, out: Path) -> dict:
+def evaluate_protocol(proto: dict) -> dict:
+    """Every finished model of the protocol on one test set in one process, and the two families compared."""
     base_cfg = config_from_dict(_merge(copy.deepcopy(proto["base"]), {}))
     device = _device(base_cfg)
     precision = resolve_precision(base_cfg.train.precision, device)
@@ -171,11 +172,15 @@ def evaluate_protocol(proto: dict, out: Path) -> dict:
     _, test_set = load_data(base_cfg)
     batches = list(BatchLoader(test_set, 256, train=False, device=device, prefetch=False))
     size = tuple(test_set.images.shape[1:])
-    rows, candidates = [], {}
+    rows, candidates, not_run = [], {}, []
     for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
                             ("ablation", proto.get("ablations", [])), ("check", proto.get("checks", []))):
         for entry in entries:
             run = Path(model_config(proto, entry).out)
+            if family in ("ablation", "check") and not (run / "summary.json").exists():
+                not_run.append(entry["name"])  # optional extras: reported as not run, the comparison stands without
+                continue
+            _finished(model_config(proto, entry), family)
             model, ckpt = load_trained(run, device)
             model = model.to(memory_format=torch.channels_last)
             k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
@@ -194,7 +199,7 @@ def evaluate_protocol(proto: dict, out: Path) -> dict:
     fam = lambda f, cost: [(cost(r), r["top1"]) for r in rows if r["family"] == f]  # noqa: E731
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
               "device": str(device), "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows,
+              "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run,
               "macs": compare_families(fam("baseline", lambda r: r["macs"]), fam("hydranet", lambda r: r["macs"]))}
     for bs in proto.get("speed_batches", [256, 1]):
         key = f"images_per_s_b{bs}"
@@ -243,6 +248,8 @@ def markdown_table(result: dict) -> str:
         t = result[f"time_b{b}"]
         lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_fmt(t['iso_accuracy_saving'], '.2f')}x, "
                      f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
+    if result.get("not_run"):
+        lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
                  f"torch {result['torch']}, {result['threads']} threads")
     return "\n".join(lines) + "\n"
