@@ -230,3 +230,15 @@ def test_subcommand_help(capsys, command):
 def test_no_command_is_a_usage_error(capsys):
     code, _, err = run(capsys)
     assert code == 2 and "usage: hydranets" in err
+
+
+def test_bench_pareto_bad_input_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "bench", "pareto", "--config", str(tmp_path / "none.yaml"))
+    assert code == 2
+    one_error_line(err, "protocol file", "does not exist")
+    protocol = Path(__file__).resolve().parents[1] / "configs" / "bench" / "tin100-cpu-short.yaml"
+    code, _, err = run(capsys, "bench", "pareto", "--config", str(protocol), "--only", "hydra-r99")
+    assert code == 2
+    one_error_line(err, "--only 'hydra-r99' is not an entry of protocol tin100-cpu-short")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "pareto", "--config", "x", "--eval-only", "--train-only"])

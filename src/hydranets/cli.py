@@ -1,4 +1,4 @@
-"""The ``hydranets`` command line: train, eval, partition, pipeline, report, models."""
+"""The ``hydranets`` command line: train, eval, partition, pipeline, report, bench, models."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,17 @@ def cmd_models(args) -> None:
     print("\n".join(list_models(args.pattern)))
 
 
+def cmd_bench_pareto(args) -> None:
+    from .pareto import evaluate_protocol, load_protocol, run_protocol, write_results
+    proto = load_protocol(args.config, args.overrides)
+    result = evaluate_protocol(proto) if args.eval_only else \
+        run_protocol(proto, only_train=args.train_only, only=args.only)
+    if result is not None:
+        paths = write_results(result, args.results)
+        print(Path(paths[2]).read_text())
+        print("wrote", *paths)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hydranets", description="HydraNets: train, evaluate and measure "
                                  "networks of class-specialised branches.")
@@ -138,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a self-contained report.html for a pipeline folder")
     p.add_argument("run")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("bench", help="benchmarks; `bench pareto`: a HydraNet family against a baseline family")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("pareto", help="train (resumable), evaluate and compare the families of a protocol")
+    p.add_argument("--config", required=True, help="protocol YAML (configs/bench/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the shared base config")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--train-only", action="store_true", help="train what is missing, skip evaluation")
+    what.add_argument("--only", nargs="+", metavar="NAME", help="train just these entries (the runs they start "
+                      "from must have finished): several processes can share a protocol, each its own entries")
+    what.add_argument("--eval-only", action="store_true", help="evaluate what has finished (ablations and checks "
+                      "that have not are listed as not run)")
+    p.add_argument("--results", default="benchmarks/results", help="folder for <protocol>.{json,png,md}")
+    p.set_defaults(fn=cmd_bench_pareto)
 
     p = sub.add_parser("models", help="list registered model names")
     p.add_argument("pattern", nargs="?", default="*")

@@ -220,6 +220,9 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
     for f in ("baseline", "hydranet"):
         families[f] = [(r["macs"], r["top1"], r["name"]) for r in sorted(result["rows"], key=lambda r: r["macs"])
                        if r["family"] == f]
+    for r in result["rows"]:
+        if r["family"] == "check":
+            families[f"{r['name']} (check, {r['epochs']} epochs)"] = [(r["macs"], r["top1"], "")]
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
