@@ -15,6 +15,15 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One CPU thread, as train.threads=1 sets for training: evaluation does not oversubscribe a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_imagenet_archive() -> Path:
     if not TINY_IMAGENET.exists():
         pytest.skip(f"needs {TINY_IMAGENET} (the shared data folder beside the clone)")

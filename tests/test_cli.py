@@ -30,13 +30,7 @@ SPEED = ["--repeats", "1", "--speed-batch", "32", "--batch-size", "64", "--devic
 SUBCOMMANDS = ("train", "pipeline", "eval", "partition", "report", "models")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread (as train.threads=1 does for training): eval does not oversubscribe a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -33,13 +33,7 @@ PLOTS = {"accuracy_vs_macs.png", "subtasks.png", "routing.png", "training.png"}
 CLASSES = [f"class{c}" for c in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread, as train.threads=1 sets for training: evaluation does not oversubscribe a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pipeline(capsys, out: Path, *extra: str) -> tuple[int, str, str]:

@@ -150,8 +150,12 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
     """
     ckpt = load_checkpoint(resolve_checkpoint(path))
     theirs = ckpt["model"]
-    _copy_into(model.stem, {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")},
-               path, "stem", "hydra.stem_width=1.0")
+    stages = {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")}
+    problem = _misfit(model.stem, stages)
+    if problem:
+        raise HydraError(f"hydra.init_from {path}: its stages do not fit the HydraNet's stem ({problem}); "
+                         "use a baseline of the same backbone and hydra.stem_width=1.0")
+    model.stem.load_state_dict({k: stages[k] for k in model.stem.state_dict()})
     if upcycle is False:
         return False
     split, tail = len(model.stem), len(model.branches[0]) - 4
@@ -191,14 +195,6 @@ def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | N
             return f"its tensor {k} {tuple(v.shape)} (the baseline has " + \
                 (f"{tuple(source[k].shape)})" if k in source else "none)")
     return None
-
-
-def _copy_into(module: nn.Module, source: dict, path: str, part: str, fix: str) -> None:
-    problem = _misfit(module, source)
-    if problem:
-        raise HydraError(f"hydra.init_from {path}: its stages do not fit the HydraNet's {part} ({problem}); "
-                         f"use a baseline of the same backbone and {fix}")
-    module.load_state_dict({k: source[k] for k in module.state_dict()})
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
