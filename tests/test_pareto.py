@@ -48,6 +48,10 @@ def test_protocol_with_unknown_key_is_refused(tmp_path):
                                                      "hydranets": []}))
     with pytest.raises(HydraError, match="train.epoch"):
         load_protocol(tmp_path / "q.yaml")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "partition_from": "a",
+                                                     "baselines": [{"name": "a", "family": "f"}], "hydranets": []}))
+    with pytest.raises(HydraError, match="entry 'a' has a 'family'; only checks take one"):
+        load_protocol(tmp_path / "r.yaml")
 
 
 @pytest.mark.slow
@@ -65,8 +69,12 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
                        "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "baseline"}},
                       {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
         "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"},
-                       "hydra": {"num_branches": 2, "topk": 1}}],
-        "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2}}],
+                       "hydra": {"num_branches": 2, "topk": 1}},
+                      {"name": "a3", "model": tiny,  # upcycled from a check, which trains before it
+                       "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1"}}],
+        "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2}, "family": "long"},
+                   {"name": "c2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}},
+                    "train": {"epochs": 2}, "family": "long"}],
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     with pytest.raises(HydraError, match="--only 'h9' is not an entry"):
@@ -76,14 +84,22 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "runs" / "h1").exists()
     run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b1"])
     assert (tmp_path / "runs" / "b1" / "summary.json").exists() and not (tmp_path / "runs" / "b2").exists()
+    with pytest.raises(HydraError, match=r"init_from .*c1 has not finished training"):
+        run_protocol(load_protocol(tmp_path / "p.yaml"), only=["a3"])
     result = run_protocol(load_protocol(tmp_path / "p.yaml"))
-    assert f"stem from {tmp_path / 'runs' / 'b1'}; every branch upcycled" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"stem from {tmp_path / 'runs' / 'b1'}; every branch upcycled" in err
+    assert f"stem from {tmp_path / 'runs' / 'c1'}; every branch upcycled" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
-        ("c1", "check")]
+        ("a3", "ablation"), ("c1", "check"), ("c2", "check")]
     assert next(r for r in result["rows"] if r["name"] == "c1")["epochs"] == 2
     best = max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
     assert result["macs"]["baseline_best_top1"] == best  # checks stay off the baseline curve
+    long = [(r["macs"], r["top1"]) for r in result["rows"] if r["check_family"] == "long"]
+    hydras = [(r["macs"], r["top1"]) for r in result["rows"] if r["family"] == "hydranet"]
+    assert result["vs_check_families"]["long"]["macs"] == compare_families(long, hydras)
+    assert set(result["vs_check_families"]["long"]) == {"macs", "time_b32"}
     assert {p.name for p in (tmp_path / "runs").glob("partition_*.json")} == {"partition_kmeans_b2.json",
                                                                               "partition_kmeans_b4.json",
                                                                               "partition_random_b2.json"}
@@ -96,6 +112,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "Not trained, so not in the table: a2" in markdown_table(partial)
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
+    assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
     run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
     assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime

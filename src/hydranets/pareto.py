@@ -45,6 +45,9 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
     for entry in proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", []):
         model_config(proto, entry)  # check every entry before training anything
+        if "family" in entry and entry not in proto.get("checks", []):
+            raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks take one "
+                             "(checks of one family are compared with the HydraNets as a curve)")
     return proto
 
 
@@ -52,7 +55,7 @@ def model_config(proto: dict, entry: dict) -> Config:
     """The training config of one family member: the shared base, then the entry's own settings."""
     if "name" not in entry:
         raise HydraError(f"protocol entry {entry} lacks a 'name'")
-    data = _merge(copy.deepcopy(proto["base"]), {k: v for k, v in entry.items() if k != "name"})
+    data = _merge(copy.deepcopy(proto["base"]), {k: v for k, v in entry.items() if k not in ("name", "family")})
     data["out"] = str(Path(proto.get("out", f"runs/bench/{proto['protocol']}")) / entry["name"])
     return config_from_dict(data)
 
@@ -142,7 +145,14 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
             partitions[key] = path
         return partitions[key]
 
-    for entry in filter(wanted, proto["hydranets"] + proto.get("ablations", [])):
+    by_name = {e["name"]: e for e in entries}
+    hydras = proto["hydranets"] + proto.get("ablations", [])
+    sources = {e.get("hydra", {}).get("init_from") for e in filter(wanted, hydras)}
+    for entry in proto.get("checks", []):  # checks that HydraNets start from train first
+        if entry["name"] in sources and wanted(entry):
+            say(f"check {entry['name']}")
+            train(model_config(proto, entry), resume=True)
+    for entry in filter(wanted, hydras):
         cfg = model_config(proto, entry)
         cfg.hydra.enabled = True
         cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches))
@@ -151,6 +161,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
             same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
             cfg.hydra.init_from = _finished(same[0], "init_from baseline") if same and cfg.hydra.stem_width == 1.0 \
                 else None
+        elif cfg.hydra.init_from in by_name:  # another entry of the protocol, e.g. a baseline trained longer
+            cfg.hydra.init_from = _finished(model_config(proto, by_name[cfg.hydra.init_from]), "init_from")
         if cfg.distill.teacher == "baseline":
             cfg.distill.teacher = _finished(src_cfg, "distill.teacher baseline")
         say(f"hydranet {entry['name']}")
@@ -186,7 +198,8 @@ def evaluate_protocol(proto: dict) -> dict:
             k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
             kw = {"topk": k} if k else {}
             ev = evaluate(model, batches, topk=k, precision=precision)
-            rows.append({"name": entry["name"], "family": family, "model": ckpt["model_info"]["name"], "k": k,
+            rows.append({"name": entry["name"], "family": family, "check_family": entry.get("family"),
+                         "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"]})
@@ -196,16 +209,24 @@ def evaluate_protocol(proto: dict) -> dict:
                               autocast=torch.bfloat16 if precision == "bf16" else None)
         for r in rows:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
-    fam = lambda f, cost: [(cost(r), r["top1"]) for r in rows if r["family"] == f]  # noqa: E731
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
               "device": str(device), "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run,
-              "macs": compare_families(fam("baseline", lambda r: r["macs"]), fam("hydranet", lambda r: r["macs"]))}
-    for bs in proto.get("speed_batches", [256, 1]):
-        key = f"images_per_s_b{bs}"
-        result[f"time_b{bs}"] = compare_families(fam("baseline", lambda r: 1.0 / r[key]),
-                                                 fam("hydranet", lambda r: 1.0 / r[key]))
+              "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run}
+    hydra = [r for r in rows if r["family"] == "hydranet"]
+    result.update(_compare([r for r in rows if r["family"] == "baseline"], hydra))
+    groups = sorted({r["check_family"] for r in rows if r["family"] == "check" and r["check_family"]})
+    result["vs_check_families"] = {g: _compare([r for r in rows if r["check_family"] == g], hydra) for g in groups
+                                   if sum(r["check_family"] == g for r in rows) >= 2}
     return result
+
+
+def _compare(baseline: list[dict], hydra: list[dict]) -> dict:
+    """compare_families in counted MACs and in the measured time of every batch size the rows carry."""
+    out = {"macs": compare_families([(r["macs"], r["top1"]) for r in baseline], [(r["macs"], r["top1"]) for r in hydra])}
+    for key in (k for k in hydra[0] if k.startswith("images_per_s_b")):
+        out[f"time_b{key[len('images_per_s_b'):]}"] = compare_families([(1.0 / r[key], r["top1"]) for r in baseline],
+                                                                       [(1.0 / r[key], r["top1"]) for r in hydra])
+    return out
 
 
 def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Path]:
@@ -220,9 +241,11 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
     for f in ("baseline", "hydranet"):
         families[f] = [(r["macs"], r["top1"], r["name"]) for r in sorted(result["rows"], key=lambda r: r["macs"])
                        if r["family"] == f]
-    for r in result["rows"]:
-        if r["family"] == "check":
-            families[f"{r['name']} (check, {r['epochs']} epochs)"] = [(r["macs"], r["top1"], "")]
+    for r in sorted(result["rows"], key=lambda r: r["macs"]):
+        if r["family"] == "check":  # a check family as a curve, a lone check as a point
+            fam = r.get("check_family")
+            label = f"{fam} (check family)" if fam else f"{r['name']} (check, {r['epochs']} epochs)"
+            families.setdefault(label, []).append((r["macs"], r["top1"], r["name"] if fam else ""))
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
@@ -230,6 +253,20 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
 
 def _fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
+
+
+def _comparison_lines(comp: dict, bss: list[str], against: str) -> list[str]:
+    m = comp["macs"]
+    lines = [f"- Iso-accuracy saving in MACs at {against}'s best top-1 ({m['baseline_best_top1']:.2f}%): "
+             f"{_fmt(m['iso_accuracy_saving'], '.2f')}x" + ("" if m["iso_accuracy_saving"] else
+                                                          " (the HydraNet family does not reach it)"),
+             f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
+             f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
+    for b in bss:
+        t = comp[f"time_b{b}"]
+        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_fmt(t['iso_accuracy_saving'], '.2f')}x, "
+                     f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
+    return lines
 
 
 def markdown_table(result: dict) -> str:
@@ -241,16 +278,12 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {r['epochs']} | {r['top1']:.2f} | "
                      f"{r['top5']:.2f} | {_fmt(r['gate_recall'], '.1f', '-')} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
-    m = result["macs"]
-    lines += ["", f"- Iso-accuracy saving in MACs at the baseline family's best top-1 ({m['baseline_best_top1']:.2f}%): "
-              f"{_fmt(m['iso_accuracy_saving'], '.2f')}x" + ("" if m["iso_accuracy_saving"] else
-                                                           " (the HydraNet family does not reach it)"),
-              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
-              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
-    for b in bss:
-        t = result[f"time_b{b}"]
-        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_fmt(t['iso_accuracy_saving'], '.2f')}x, "
-                     f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
+    lines.append("")
+    lines += _comparison_lines(result, bss, "the baseline family")
+    for group, comp in result.get("vs_check_families", {}).items():
+        members = ", ".join(r["name"] for r in result["rows"] if r.get("check_family") == group)
+        lines.append(f"- Against the check family {group} ({members}) instead of the baselines:")
+        lines += ["  " + line for line in _comparison_lines(comp, bss, group)]
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
