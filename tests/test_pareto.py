@@ -94,6 +94,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("a3", "ablation"), ("c1", "check"), ("c2", "check")]
     assert next(r for r in result["rows"] if r["name"] == "c1")["epochs"] == 2
+    total = {r["name"]: r["total_epochs"] for r in result["rows"]}  # own epochs + those of the run it started from
+    assert (total["b1"], total["h1"], total["h2"], total["a3"]) == (1, 2, 1, 3)
     best = max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
     assert result["macs"]["baseline_best_top1"] == best  # checks stay off the baseline curve
     long = [(r["macs"], r["top1"]) for r in result["rows"] if r["check_family"] == "long"]

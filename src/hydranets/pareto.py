@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, _merge, config_from_dict
 from .cost import compare_speed, count_params, model_macs
 from .errors import HydraError
 from .evaluate import evaluate, resolve_precision
 from .pipeline import _device, compute_partition
-from .train import load_data, load_trained, train
+from .train import load_data, load_trained, resolve_checkpoint, train
 
 PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
                  "checks", "speed_batches", "speed_repeats"}
@@ -175,6 +175,12 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     return evaluate_protocol(proto)
 
 
+def total_epochs(ckpt: dict) -> int:
+    """Epochs of training behind a checkpoint: its own plus those of the run it started from (``hydra.init_from``)."""
+    source = ckpt["config"].get("hydra", {}).get("init_from")
+    return ckpt["epoch"] + (total_epochs(load_checkpoint(resolve_checkpoint(source))) if source else 0)
+
+
 def evaluate_protocol(proto: dict) -> dict:
     """Every finished model of the protocol on one test set in one process, and the two families compared."""
     base_cfg = config_from_dict(_merge(copy.deepcopy(proto["base"]), {}))
@@ -202,7 +208,7 @@ def evaluate_protocol(proto: dict) -> dict:
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
-                         "epochs": ckpt["epoch"]})
+                         "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
             candidates[entry["name"]] = (model, kw)
     for bs in proto.get("speed_batches", [256, 1]):
         speed = compare_speed(candidates, size, bs, repeats=proto.get("speed_repeats", 5),
@@ -271,11 +277,13 @@ def _comparison_lines(comp: dict, bss: list[str], against: str) -> list[str]:
 
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
-    head = "| model | family | k | epochs | top-1 | top-5 | gate recall | MMACs/img | params (M) | " + \
+    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | MMACs/img | params (M) | " + \
         " | ".join(f"img/s @{b}" for b in bss) + " |"
     lines = [head, "|" + "---|" * (9 + len(bss))]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {r['epochs']} | {r['top1']:.2f} | "
+        total = r.get("total_epochs", r["epochs"])
+        epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
+        lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
                      f"{r['top5']:.2f} | {_fmt(r['gate_recall'], '.1f', '-')} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
     lines.append("")
