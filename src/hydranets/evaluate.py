@@ -83,3 +83,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         result["probs"] = torch.cat(probs)
         result["labels"] = torch.cat(labels)
     return result
+
+
+def subtask_recall(probs: torch.Tensor, labels: torch.Tensor, membership: torch.Tensor, k: int = 1) -> float:
+    """Recall@k (%) of the true subtask when subtasks are ranked by the classifier's summed class probabilities.
+
+    For a dense network this is the recall of a gate as good as the whole network: the reference for a
+    HydraNet's gate recall, which reads only the stem.
+    """
+    scores = probs.float() @ membership.float()
+    chosen = torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+    return 100.0 * (membership[labels].float() * chosen).amax(1).mean().item()

@@ -20,7 +20,8 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, _merge, config_from_dict
 from .cost import compare_speed, count_params, model_macs
 from .errors import HydraError
-from .evaluate import evaluate, resolve_precision
+from .evaluate import evaluate, resolve_precision, subtask_recall
+from .partition import Partition
 from .pipeline import _device, compute_partition
 from .train import load_data, load_trained, resolve_checkpoint, train
 
@@ -51,12 +52,21 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
     return proto
 
 
+def protocol_dir(proto: dict) -> Path:
+    """The folder that holds the protocol's run folders and partitions."""
+    return Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
+
+
+def partition_path(proto: dict, method: str, num_subsets: int) -> Path:
+    return protocol_dir(proto) / f"partition_{method}_b{num_subsets}.json"
+
+
 def model_config(proto: dict, entry: dict) -> Config:
     """The training config of one family member: the shared base, then the entry's own settings."""
     if "name" not in entry:
         raise HydraError(f"protocol entry {entry} lacks a 'name'")
     data = _merge(copy.deepcopy(proto["base"]), {k: v for k, v in entry.items() if k not in ("name", "family")})
-    data["out"] = str(Path(proto.get("out", f"runs/bench/{proto['protocol']}")) / entry["name"])
+    data["out"] = str(protocol_dir(proto) / entry["name"])
     return config_from_dict(data)
 
 
@@ -115,8 +125,7 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     ``only`` trains just the named entries (the runs they start from must have finished) and evaluates nothing, so that
     several processes can share one protocol's work without touching the same run folder.
     """
-    out = Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
-    out.mkdir(parents=True, exist_ok=True)
+    protocol_dir(proto).mkdir(parents=True, exist_ok=True)
     say = lambda m: print(f"[bench {proto['protocol']}] {m}", file=sys.stderr, flush=True)  # noqa: E731
     entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
     unknown = sorted(set(only or []) - {e["name"] for e in entries})
@@ -130,20 +139,16 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     if src is None:
         raise HydraError(f"partition_from {proto['partition_from']!r} is not a baseline of the protocol")
     src_cfg = model_config(proto, src)
-    partitions: dict[str, Path] = {}
 
     def partition_file(method: str, b: int) -> Path:
-        key = f"{method}_b{b}"
-        if key not in partitions:
-            path = out / f"partition_{key}.json"
-            if not path.exists():
-                _finished(src_cfg, "partition_from baseline")
-                say(f"subtasks {key} from {src['name']}")
-                cfg = copy.deepcopy(src_cfg)
-                cfg.partition.method = method
-                compute_partition(cfg, src_cfg.out, path, b)
-            partitions[key] = path
-        return partitions[key]
+        path = partition_path(proto, method, b)
+        if not path.exists():
+            _finished(src_cfg, "partition_from baseline")
+            say(f"subtasks {method}_b{b} from {src['name']}")
+            cfg = copy.deepcopy(src_cfg)
+            cfg.partition.method = method
+            compute_partition(cfg, src_cfg.out, path, b)
+        return path
 
     by_name = {e["name"]: e for e in entries}
     hydras = proto["hydranets"] + proto.get("ablations", [])
@@ -181,6 +186,15 @@ def total_epochs(ckpt: dict) -> int:
     return ckpt["epoch"] + (total_epochs(load_checkpoint(resolve_checkpoint(source))) if source else 0)
 
 
+def _main_partition(proto: dict) -> Path | None:
+    """The k-means partition the HydraNet family uses (its first member's B), if it has been computed."""
+    if not proto["hydranets"]:
+        return None
+    cfg = model_config(proto, proto["hydranets"][0])
+    path = partition_path(proto, cfg.partition.method, cfg.hydra.num_branches)
+    return path if path.exists() else None
+
+
 def evaluate_protocol(proto: dict) -> dict:
     """Every finished model of the protocol on one test set in one process, and the two families compared."""
     base_cfg = config_from_dict(_merge(copy.deepcopy(proto["base"]), {}))
@@ -191,6 +205,8 @@ def evaluate_protocol(proto: dict) -> dict:
     batches = list(BatchLoader(test_set, 256, train=False, device=device, prefetch=False))
     size = tuple(test_set.images.shape[1:])
     rows, candidates, not_run = [], {}, []
+    partition = _main_partition(proto)
+    membership = Partition.load(partition).membership() if partition else None
     for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
                             ("ablation", proto.get("ablations", [])), ("check", proto.get("checks", []))):
         for entry in entries:
@@ -203,10 +219,14 @@ def evaluate_protocol(proto: dict) -> dict:
             model = model.to(memory_format=torch.channels_last)
             k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
             kw = {"topk": k} if k else {}
-            ev = evaluate(model, batches, topk=k, precision=precision)
+            ev = evaluate(model, batches, topk=k, precision=precision, collect_probs=k is None)
+            if k is None and membership is not None:
+                ev["gate_recall"] = None
+                ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
             rows.append({"name": entry["name"], "family": family, "check_family": entry.get("family"),
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
+                         "subtask_recall": ev.get("subtask_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
             candidates[entry["name"]] = (model, kw)
@@ -275,6 +295,13 @@ def _comparison_lines(comp: dict, bss: list[str], against: str) -> list[str]:
     return lines
 
 
+def _recall(row: dict) -> str:
+    """A HydraNet's gate recall@k; in parentheses, a dense network's own subtask recall@1 (see subtask_recall)."""
+    if row.get("gate_recall") is not None:
+        return f"{row['gate_recall']:.1f}"
+    return f"({row['subtask_recall']:.1f})" if row.get("subtask_recall") is not None else "-"
+
+
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
     head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | MMACs/img | params (M) | " + \
@@ -284,9 +311,12 @@ def markdown_table(result: dict) -> str:
         total = r.get("total_epochs", r["epochs"])
         epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
         lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
-                     f"{r['top5']:.2f} | {_fmt(r['gate_recall'], '.1f', '-')} | {r['macs'] / 1e6:.1f} | "
+                     f"{r['top5']:.2f} | {_recall(r)} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
     lines.append("")
+    if any(r.get("subtask_recall") is not None for r in result["rows"]):
+        lines.append("- Gate recall: a HydraNet gate's recall@k of the true subtask; in parentheses, for a dense network, "
+                     "recall@1 of the subtask its summed class probabilities pick (a gate as good as the whole network)")
     lines += _comparison_lines(result, bss, "the baseline family")
     for group, comp in result.get("vs_check_families", {}).items():
         members = ", ".join(r["name"] for r in result["rows"] if r.get("check_family") == group)
