@@ -221,7 +221,6 @@ def evaluate_protocol(proto: dict) -> dict:
             kw = {"topk": k} if k else {}
             ev = evaluate(model, batches, topk=k, precision=precision, collect_probs=k is None)
             if k is None and membership is not None:
-                ev["gate_recall"] = None
                 ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
             rows.append({"name": entry["name"], "family": family, "check_family": entry.get("family"),
                          "model": ckpt["model_info"]["name"], "k": k,
