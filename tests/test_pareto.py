@@ -32,6 +32,19 @@ def test_compare_families_reports_a_miss():
     assert r["equal_cost_gain_mean"] < 0
 
 
+def test_markdown_reports_a_miss_as_not_reached():
+    row = lambda name, family, macs, top1: {"name": name, "family": family, "k": None, "epochs": 5,  # noqa: E731
+                                            "top1": top1, "top5": 50.0, "gate_recall": None, "macs": macs,
+                                            "params": 1e5, "images_per_s_b1": 1e9 / macs}
+    rows = [row("b1", "baseline", 40e6, 30.0), row("b2", "baseline", 80e6, 34.0),
+            row("h1", "hydranet", 20e6, 25.0), row("h2", "hydranet", 60e6, 31.0)]
+    comp = compare_families([(r["macs"], r["top1"]) for r in rows[:2]], [(r["macs"], r["top1"]) for r in rows[2:]])
+    md = markdown_table({"rows": rows, "macs": comp, "time_b1": comp, "dataset": "synthetic", "classes": 10,
+                         "device": "cpu", "precision": "fp32", "torch": "x", "threads": 1})
+    assert "(34.00%): n/a (the HydraNet family does not reach it)" in md
+    assert "batch 1: iso-accuracy saving n/a," in md and "n/ax" not in md
+
+
 @pytest.mark.parametrize("name", ["tin100-cpu", "tin200-gpu", "cifar100-gpu"])
 def test_shipped_protocols_are_valid(name):
     proto = load_protocol(REPO / "configs" / "bench" / f"{name}.yaml")

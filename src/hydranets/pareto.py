@@ -280,16 +280,20 @@ def _fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
+def _times(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
 def _comparison_lines(comp: dict, bss: list[str], against: str) -> list[str]:
     m = comp["macs"]
     lines = [f"- Iso-accuracy saving in MACs at {against}'s best top-1 ({m['baseline_best_top1']:.2f}%): "
-             f"{_fmt(m['iso_accuracy_saving'], '.2f')}x" + ("" if m["iso_accuracy_saving"] else
+             f"{_times(m['iso_accuracy_saving'])}" + ("" if m["iso_accuracy_saving"] else
                                                           " (the HydraNet family does not reach it)"),
              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
     for b in bss:
         t = comp[f"time_b{b}"]
-        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_fmt(t['iso_accuracy_saving'], '.2f')}x, "
+        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_times(t['iso_accuracy_saving'])}, "
                      f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
     return lines
 
