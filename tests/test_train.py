@@ -183,6 +183,16 @@ def test_hydranet_trains(tmp_path, routing, branches, topk):
 
 
 # ---------------------------------------------------------------- learning-rate schedule
+def test_two_windows_of_a_schedule_are_the_whole_schedule():
+    whole = load_config(overrides=["train.epochs=4", "optim.lr=0.2", "optim.warmup_epochs=1"])
+    first = load_config(overrides=["train.epochs=2", "optim.lr=0.2", "optim.warmup_epochs=1", "optim.schedule_epochs=4"])
+    second = load_config(overrides=["train.epochs=2", "optim.lr=0.2", "optim.warmup_epochs=1", "optim.schedule_epochs=4",
+                                    "optim.schedule_start=2"])
+    lrs = [lr_at(whole, s, 40) for s in range(40)]
+    assert [lr_at(first, s, 20) for s in range(20)] + [lr_at(second, s, 20) for s in range(20)] == lrs
+    assert lrs[20] == pytest.approx(0.2 * (1 - 10 / 30)) and lrs[19] > lrs[20] > lrs[21]
+
+
 def test_lr_schedule_against_hand_computation():
     cfg = load_config(overrides=["train.epochs=4", "optim.lr=0.2", "optim.warmup_epochs=1", "optim.schedule=cosine"])
     total = 40                                                    # 10 steps per epoch, warm-up 10 steps
@@ -291,6 +301,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("model.name=resnet_cifr", ["unknown model 'resnet_cifr'", "resnet_cifar"]),
     ("model.kwargs={widht: 0.5}", ["'resnet_cifar'", "model.kwargs=", "'widht'"]),
     ("hydra={enabled: true, upcycle: true, gate_loss: 0}", ["hydra.upcycle=true needs hydra.init_from"]),
+    ("optim={schedule_epochs: 3, schedule_start: 2}", ["optim.schedule_start=2", "must lie within", "=3"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

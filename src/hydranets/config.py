@@ -73,6 +73,8 @@ class OptimConfig:
     label_smoothing: float = 0.0
     schedule: str = "onecycle"           # onecycle | cosine | constant
     warmup_epochs: float = 1.0
+    schedule_epochs: float | None = None  # length of the learning-rate schedule (None: train.epochs)
+    schedule_start: float = 0.0           # epoch of that schedule this run starts at (continue another run's)
     grad_clip: float = 0.0
 
 

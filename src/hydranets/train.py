@@ -116,9 +116,15 @@ def load_partition(cfg: Config, class_names: list[str]) -> Partition | None:
 
 
 def lr_at(cfg: Config, step: int, total: int) -> float:
-    """Learning rate at optimiser step ``step`` of ``total``: linear warm-up, then the schedule."""
+    """Learning rate at optimiser step ``step`` of ``total``: linear warm-up, then the schedule.
+
+    With ``optim.schedule_epochs``/``schedule_start`` the run covers a window of a longer schedule, so a
+    HydraNet can finish the schedule its baseline started instead of restarting one.
+    """
     o = cfg.optim
     steps_per_epoch = total / cfg.train.epochs
+    step += round(o.schedule_start * steps_per_epoch)
+    total = round((o.schedule_epochs or cfg.train.epochs) * steps_per_epoch)
     warmup = int(o.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return o.lr * (step + 1) / warmup
@@ -301,6 +307,10 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if t.batch_size % (rt.world_size * t.accum_steps):
         raise HydraError(f"train.batch_size={t.batch_size} must divide evenly over {rt.world_size} process(es) "
                          f"x {t.accum_steps} accumulation step(s)")
+    o = cfg.optim
+    if o.schedule_start < 0 or o.schedule_start + t.epochs > (o.schedule_epochs or t.epochs) + 1e-9:
+        raise HydraError(f"optim.schedule_start={o.schedule_start} + train.epochs={t.epochs} must lie within "
+                         f"optim.schedule_epochs={o.schedule_epochs or t.epochs}; lengthen the schedule or train fewer epochs")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
         raise HydraError("hydra.upcycle=true needs hydra.init_from=BASELINE_RUN (the trained network to copy)")
     if not is_model(cfg.model.name):
