@@ -239,9 +239,12 @@ def evaluate_protocol(proto: dict) -> dict:
               "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run}
     hydra = [r for r in rows if r["family"] == "hydranet"]
     result.update(_compare([r for r in rows if r["family"] == "baseline"], hydra))
-    groups = sorted({r["check_family"] for r in rows if r["family"] == "check" and r["check_family"]})
-    result["vs_check_families"] = {g: _compare([r for r in rows if r["check_family"] == g], hydra) for g in groups
-                                   if sum(r["check_family"] == g for r in rows) >= 2}
+    check_families: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["check_family"]:
+            check_families.setdefault(r["check_family"], []).append(r)
+    result["vs_check_families"] = {name: _compare(members, hydra) for name, members in sorted(check_families.items())
+                                   if len(members) >= 2}
     return result
 
 
