@@ -213,3 +213,25 @@ def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path
         init_stem_from(narrow, str(path), upcycle=True)
     assert init_stem_from(narrow, str(path), upcycle=None) is False  # auto: where the widths fit
     assert init_stem_from(hyd, str(path), upcycle=None) is True
+
+
+def test_shared_path_adds_the_gates_features_for_every_image():
+    torch.manual_seed(0)
+    kw = dict(num_classes=16, num_branches=4, topk=1, depth=8)
+    plain = build_hydranet("resnet_cifar", **kw).eval()
+    shared = build_hydranet("resnet_cifar", shared_path=True, **kw).eval()
+    shared.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), plain(x))  # the projection starts at zero: same function
+        torch.nn.init.normal_(shared.shared.weight)
+        out = shared(x, return_gate=True)
+        feats = shared.stem(x)
+        gate_feats = torch.nn.functional.adaptive_avg_pool2d(shared.gate[:-3](feats), 1).flatten(1)
+        routed = torch.stack([torch.sigmoid(out.gate_logits[i, b]) * shared.branches[b](feats[i:i + 1])[0]
+                              for i, b in enumerate(out.route[:, 0].tolist())])
+        expected = shared.classifier(shared.norm(routed + shared.shared(gate_feats)))
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+    assert count_params(shared) - count_params(plain) == shared.gate[-1].in_features * 64 + 64
+    macs = model_macs(shared, (3, 32, 32)) - model_macs(plain, (3, 32, 32))
+    assert macs == shared.gate[-1].in_features * 64   # one small projection per image

@@ -182,6 +182,29 @@ def test_hydranet_trains(tmp_path, routing, branches, topk):
     assert chosen.mean(0).tolist() == pytest.approx(rows[-1]["branch_load"], abs=0.011)
 
 
+def test_train_topk_and_shared_path(tmp_path, monkeypatch):
+    import hydranets.hydranet as hydranet_mod
+    part = tmp_path / "partition.json"
+    Partition([[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], 10, [f"class{c}" for c in range(10)]).save(part)
+    seen = {True: set(), False: set()}  # branches per image, by training mode
+    real = hydranet_mod.dispatch
+
+    def spy(x, branches, route, *args):
+        seen[torch.is_grad_enabled()].add(route.shape[1])
+        return real(x, branches, route, *args)
+
+    monkeypatch.setattr(hydranet_mod, "dispatch", spy)
+    out = tmp_path / "run"
+    train(cfg_for(out, "train.epochs=1", "hydra.enabled=true", "hydra.num_branches=3", "hydra.topk=1",
+                  "hydra.train_topk=2", "hydra.shared_path=true", f"hydra.partition={part}", "hydra.stem_width=0.25",
+                  "hydra.branch_width=0.25", "hydra.gate_width=0.25"))
+    assert seen == {True: {2}, False: {1}}  # two branches per image in training, one in evaluation
+    ckpt = load_ckpt(out)
+    assert ckpt["topk"] == 1 and ckpt["model_info"]["hydra"]["shared_path"] is True
+    model, _ = train_mod.load_trained(out)
+    assert torch.equal(model.shared.weight, ckpt["model"]["shared.weight"]) and model.shared.weight.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- learning-rate schedule
 def test_two_windows_of_a_schedule_are_the_whole_schedule():
     whole = load_config(overrides=["train.epochs=4", "optim.lr=0.2", "optim.warmup_epochs=1"])
@@ -302,6 +325,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("model.kwargs={widht: 0.5}", ["'resnet_cifar'", "model.kwargs=", "'widht'"]),
     ("hydra={enabled: true, upcycle: true, gate_loss: 0}", ["hydra.upcycle=true needs hydra.init_from"]),
     ("optim={schedule_epochs: 3, schedule_start: 2}", ["optim.schedule_start=2", "must lie within", "=3"]),
+    ("hydra={enabled: true, num_branches: 4, train_topk: 5, gate_loss: 0}", ["hydra.train_topk", "from 1 to", "(4)", "5"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

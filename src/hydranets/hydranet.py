@@ -3,6 +3,8 @@
 The combiner is ``BatchNorm(sum over chosen b of s_b * proj_b(branch_b(stem(x))))`` with ``s`` the
 sigmoid (or softmax) of the gate's scores; the normalisation keeps the classifier's input at one
 scale whichever branches ran, which makes HydraNets train several times faster than without it.
+With ``shared_path`` the gate's pooled features, projected, are added to that sum for every image (a
+path all images share, like a shared expert), so an image sent to the wrong branch keeps general features.
 
 One template for every backbone family: it splits any :class:`~hydranets.models.Backbone` at a stage
 and rebuilds the stages after the split as B narrower branches and one narrow gate.
@@ -44,11 +46,12 @@ class HydraNet(nn.Module):
 
     def __init__(self, stem: nn.Module, branches: Sequence[nn.Module], gate: nn.Module, classifier: nn.Linear,
                  topk: int, in_chans: int = 3, partition: Partition | None = None,
-                 gate_weighting: str = "sigmoid", train_routing: str = "soft") -> None:
+                 gate_weighting: str = "sigmoid", train_routing: str = "soft", shared_path: bool = False) -> None:
         super().__init__()
         self.stem = stem
         self.branches = nn.ModuleList(branches)
         self.gate = gate
+        self.shared = nn.Linear(gate[-1].in_features, classifier.in_features) if shared_path else None
         self.norm = nn.BatchNorm1d(classifier.in_features)
         self.classifier = classifier
         self.in_chans = in_chans
@@ -98,7 +101,11 @@ class HydraNet(nn.Module):
                 return_gate: bool = False) -> torch.Tensor | HydraOutput:
         check_input(x, self.in_chans)
         feats = self.stem(x)
-        gate_logits = self.gate(feats)
+        if self.shared is None:
+            gate_logits = self.gate(feats)
+        else:
+            gate_feats = self.gate[:-1](feats)
+            gate_logits = self.gate[-1](gate_feats)
         routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
         if route is None and routing == "topk":
             k = self.topk if topk is None else _check_topk(topk, self.num_branches)
@@ -108,6 +115,8 @@ class HydraNet(nn.Module):
             combined = run_all(feats, self.branches, self._weights(gate_logits, None))
         else:
             combined = dispatch(feats, self.branches, route, self._weights(gate_logits, route), self.num_features)
+        if self.shared is not None:
+            combined = combined + self.shared(gate_feats).to(combined.dtype)
         logits = self.classifier(self.norm(combined))
         return HydraOutput(logits, gate_logits, route) if return_gate else logits
 
@@ -128,14 +137,16 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
                    split: int | None = None, stem_width: float = 1.0, branch_width: float = 0.5,
                    gate_width: float = 0.25, feature_dim: int | None = None,
                    partition: Partition | Sequence[Sequence[int]] | None = None,
-                   gate_weighting: str = "sigmoid", train_routing: str = "soft", **backbone_kwargs) -> HydraNet:
+                   gate_weighting: str = "sigmoid", train_routing: str = "soft", shared_path: bool = False,
+                   **backbone_kwargs) -> HydraNet:
     """Turn a registered backbone into a HydraNet.
 
     The stem is the backbone's stages before ``split`` (default: before the last stage) at
     ``stem_width``; each of the ``num_branches`` branches is a copy of the stages from ``split`` on at
     ``branch_width``, pooled and projected to ``feature_dim`` (default: the backbone's feature width);
     the gate is a copy of those stages at ``gate_width`` with one score per branch. Widths are
-    multipliers of the backbone's own (including its ``width`` setting).
+    multipliers of the backbone's own (including its ``width`` setting). ``shared_path`` also feeds the
+    gate's features to the combiner (its projection starts at zero, so an upcycled network starts as its source).
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
@@ -168,10 +179,13 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     gate_stages, gate_ch = build_stages(plan, split, n, stem_ch, w * gate_width)
     gate = _head(gate_stages, plan.build_final(gate_ch), gate_ch, num_branches)
     model = HydraNet(nn.Sequential(*stem_stages), branches, gate, nn.Linear(feature_dim, num_classes), topk,
-                     plan.in_chans, p, gate_weighting, train_routing)
+                     plan.in_chans, p, gate_weighting, train_routing, shared_path)
     init_weights(model)
     for head in [b[-1] for b in model.branches] + [model.gate[-1]]:  # default init: a small one stalls learning
         head.reset_parameters()
+    if model.shared is not None:
+        nn.init.zeros_(model.shared.weight)
+        nn.init.zeros_(model.shared.bias)
     return model
 
 

@@ -89,6 +89,8 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
         h = cfg.hydra
         hydra = {k: getattr(h, k) for k in ("num_branches", "split", "stem_width", "branch_width", "gate_width",
                                              "feature_dim", "gate_weighting")}
+        if h.shared_path:  # only when set: checkpoints made before the setting existed keep their identity
+            hydra["shared_path"] = True
     return {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "num_classes": num_classes,
             "in_chans": in_chans, "hydra": hydra}
 
@@ -311,6 +313,10 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if o.schedule_start < 0 or o.schedule_start + t.epochs > (o.schedule_epochs or t.epochs) + 1e-9:
         raise HydraError(f"optim.schedule_start={o.schedule_start} + train.epochs={t.epochs} must lie within "
                          f"optim.schedule_epochs={o.schedule_epochs or t.epochs}; lengthen the schedule or train fewer epochs")
+    h = cfg.hydra
+    if h.enabled and h.train_topk is not None and not (isinstance(h.train_topk, int) and 1 <= h.train_topk <= h.num_branches):
+        raise HydraError(f"hydra.train_topk must be an integer from 1 to hydra.num_branches ({h.num_branches}), "
+                         f"got {h.train_topk!r}; or null to train with hydra.topk")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
         raise HydraError("hydra.upcycle=true needs hydra.init_from=BASELINE_RUN (the trained network to copy)")
     if not is_model(cfg.model.name):
@@ -473,7 +479,7 @@ def compute_loss(cfg: Config, net: nn.Module, hydra: HydraNet | None, teacher: n
         logits, gate_logits = net(x), None
     else:
         routing = "soft" if cfg.hydra.routing == "soft" else "topk"
-        out = net(x, routing=routing, force=force, return_gate=True)
+        out = net(x, routing=routing, topk=cfg.hydra.train_topk, force=force, return_gate=True)
         logits, gate_logits = out.logits, out.gate_logits
 
     def ce(target):
