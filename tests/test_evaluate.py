@@ -13,3 +13,25 @@ def test_subtask_recall_ranks_subtasks_by_summed_probability():
     labels = torch.tensor([1, 1, 3, 0])
     assert subtask_recall(probs, labels, membership) == pytest.approx(50.0)
     assert subtask_recall(probs, labels, membership, k=2) == pytest.approx(100.0)
+
+
+def test_true_route_top1_routes_each_image_to_its_subtask():
+    from hydranets import build_hydranet
+    from hydranets.evaluate import evaluate
+    torch.manual_seed(0)
+    subsets = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=subsets).eval()
+    x, y = torch.randn(40, 3, 16, 16), torch.arange(40) % 10
+    ev = evaluate(model, [(x[:24], y[:24]), (x[24:], y[24:])], true_route=True)
+    with torch.no_grad():
+        feats = model.stem(x)
+        gate = model.gate(feats)
+        subtask = torch.tensor([next(b for b, s in enumerate(subsets) if c in s) for c in y.tolist()])
+        combined = torch.stack([torch.sigmoid(gate[i, b]) * model.branches[b](feats[i:i + 1])[0]
+                                for i, b in enumerate(subtask.tolist())])
+        expected = 100.0 * (model.classifier(model.norm(combined)).argmax(1) == y).float().mean().item()
+        gate_top1 = 100.0 * (model(x).argmax(1) == y).float().mean().item()
+    assert expected != gate_top1  # the check below can tell the two apart
+    assert ev["true_route_top1"] == pytest.approx(expected)
+    assert ev["top1"] == pytest.approx(gate_top1)
+    assert "true_route_top1" not in evaluate(model, [(x, y)])

@@ -33,17 +33,19 @@ def autocast_for(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], topk: int | None = None,
-             precision: str = "fp32", collect_probs: bool = False) -> dict:
+             precision: str = "fp32", collect_probs: bool = False, true_route: bool = False) -> dict:
     """Accuracy over ``batches``; for a HydraNet (top-k routing) also the gate's recall@k, the load on
     each branch and the B x B matrix of true subtask vs chosen branch.
 
-    ``collect_probs`` also returns the softmax outputs and labels (for class descriptors).
+    ``collect_probs`` also returns the softmax outputs and labels (for class descriptors). ``true_route``
+    also measures a HydraNet's top-1 when each image's true subtask is among its k branches (``true_route_top1``):
+    what its branches could do with a perfect gate, to tell routing errors from weak branches.
     """
     was_training = model.training
     model.eval()
     hydra = model if isinstance(model, HydraNet) else None
     correct1 = correct5 = total = 0
-    recall_hits = 0
+    recall_hits = true_hits = 0
     load = matrix = None
     probs, labels = [], []
     device = next(model.parameters()).device
@@ -71,6 +73,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 recall_hits += (member * chosen).amax(1).sum().item()
                 m = member.T @ chosen
                 matrix = m if matrix is None else matrix + m
+                if true_route:
+                    with autocast_for(device, precision):
+                        forced = hydra(x, routing="topk", topk=topk, force=member)
+                    true_hits += (forced.float().argmax(1) == y).sum().item()
     model.train(was_training)
     result = {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "count": total}
     if hydra is not None:
@@ -79,6 +85,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         if matrix is not None:
             result["gate_recall"] = 100.0 * recall_hits / total
             result["routing_matrix"] = matrix.round().long().tolist()
+            if true_route:
+                result["true_route_top1"] = 100.0 * true_hits / total
     if collect_probs:
         result["probs"] = torch.cat(probs)
         result["labels"] = torch.cat(labels)

@@ -219,12 +219,14 @@ def evaluate_protocol(proto: dict) -> dict:
             model = model.to(memory_format=torch.channels_last)
             k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
             kw = {"topk": k} if k else {}
-            ev = evaluate(model, batches, topk=k, precision=precision, collect_probs=k is None)
+            ev = evaluate(model, batches, topk=k, precision=precision, collect_probs=k is None,
+                          true_route=k is not None and membership is not None)
             if k is None and membership is not None:
                 ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
             rows.append({"name": entry["name"], "family": family, "check_family": entry.get("family"),
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
+                         "true_route_top1": ev.get("true_route_top1"),
                          "subtask_recall": ev.get("subtask_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
@@ -310,19 +312,22 @@ def _recall(row: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
-    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | MMACs/img | params (M) | " + \
-        " | ".join(f"img/s @{b}" for b in bss) + " |"
-    lines = [head, "|" + "---|" * (9 + len(bss))]
+    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | MMACs/img | " \
+        "params (M) | " + " | ".join(f"img/s @{b}" for b in bss) + " |"
+    lines = [head, "|" + "---|" * (10 + len(bss))]
     for r in result["rows"]:
         total = r.get("total_epochs", r["epochs"])
         epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
         lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
-                     f"{r['top5']:.2f} | {_recall(r)} | {r['macs'] / 1e6:.1f} | "
+                     f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
     lines.append("")
     if any(r.get("subtask_recall") is not None for r in result["rows"]):
         lines.append("- Gate recall: a HydraNet gate's recall@k of the true subtask; in parentheses, for a dense network, "
                      "recall@1 of the subtask its summed class probabilities pick (a gate as good as the whole network)")
+    if any(r.get("true_route_top1") is not None for r in result["rows"]):
+        lines.append("- Top-1 true route: a HydraNet's top-1 when each image's true subtask is among its k branches "
+                     "(a perfect gate); far above top-1 means routing errors cost most, near it that the branches do")
     lines += _comparison_lines(result, bss, "the baseline family")
     for group, comp in result.get("vs_check_families", {}).items():
         members = ", ".join(r["name"] for r in result["rows"] if r.get("check_family") == group)
