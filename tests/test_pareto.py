@@ -1,11 +1,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hydranets import HydraError
-from hydranets.pareto import (compare_families, evaluate_protocol, frontier, load_protocol, markdown_table, run_protocol,
-                              write_results)
+from hydranets.pareto import (compare_families, evaluate_protocol, frontier, load_protocol, markdown_table, model_config,
+                              run_protocol, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,22 @@ def test_markdown_reports_a_miss_as_not_reached():
 def test_shipped_protocols_are_valid(name):
     proto = load_protocol(REPO / "configs" / "bench" / f"{name}.yaml")
     assert len(proto["baselines"]) >= 4 and len(proto["hydranets"]) >= 4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "bench").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_entry_of_a_shipped_protocol_builds(path):
+    """Each entry's config is valid, names a run it starts from that exists, and its model builds and runs."""
+    from hydranets.train import build_model, model_info
+    proto = load_protocol(path)
+    entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    names = {e["name"] for e in entries}
+    for entry in entries:
+        cfg = model_config(proto, entry)
+        source = entry.get("hydra", {}).get("init_from")
+        assert source in (None, "baseline") or source in names, (entry["name"], source)
+        cfg.hydra.enabled = "hydra" in entry
+        model = build_model(model_info(cfg, 100, 3), topk=cfg.hydra.topk if cfg.hydra.enabled else 1)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
 def test_protocol_with_unknown_key_is_refused(tmp_path):
