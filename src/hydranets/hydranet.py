@@ -101,11 +101,8 @@ class HydraNet(nn.Module):
                 return_gate: bool = False) -> torch.Tensor | HydraOutput:
         check_input(x, self.in_chans)
         feats = self.stem(x)
-        if self.shared is None:
-            gate_logits = self.gate(feats)
-        else:
-            gate_feats = self.gate[:-1](feats)
-            gate_logits = self.gate[-1](gate_feats)
+        gate_feats = self.gate[:-1](feats)
+        gate_logits = self.gate[-1](gate_feats)
         routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
         if route is None and routing == "topk":
             k = self.topk if topk is None else _check_topk(topk, self.num_branches)
