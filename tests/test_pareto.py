@@ -80,7 +80,7 @@ def test_protocol_with_unknown_key_is_refused(tmp_path):
         load_protocol(tmp_path / "q.yaml")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "partition_from": "a",
                                                      "baselines": [{"name": "a", "family": "f"}], "hydranets": []}))
-    with pytest.raises(HydraError, match="entry 'a' has a 'family'; only checks take one"):
+    with pytest.raises(HydraError, match="entry 'a' has a 'family'; only checks and ablations take one"):
         load_protocol(tmp_path / "r.yaml")
 
 
@@ -98,9 +98,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
         "hydranets": [{"name": "h1", "model": tiny,
                        "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "baseline"}},
                       {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
-        "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"},
+        "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"}, "family": "alt",
                        "hydra": {"num_branches": 2, "topk": 1}},
-                      {"name": "a3", "model": tiny,  # upcycled from a check, which trains before it
+                      {"name": "a3", "model": tiny, "family": "alt",  # upcycled from a check, which trains first
                        "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1"}}],
         "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2}, "family": "long"},
                    {"name": "c2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}},
@@ -128,10 +128,13 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert (total["b1"], total["h1"], total["h2"], total["a3"]) == (1, 2, 1, 3)
     best = max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
     assert result["macs"]["baseline_best_top1"] == best  # checks stay off the baseline curve
-    long = [(r["macs"], r["top1"]) for r in result["rows"] if r["check_family"] == "long"]
+    long = [(r["macs"], r["top1"]) for r in result["rows"] if r["curve"] == "long"]
     hydras = [(r["macs"], r["top1"]) for r in result["rows"] if r["family"] == "hydranet"]
     assert result["vs_check_families"]["long"]["macs"] == compare_families(long, hydras)
     assert set(result["vs_check_families"]["long"]) == {"macs", "time_b32"}
+    alt = [(r["macs"], r["top1"]) for r in result["rows"] if r["curve"] == "alt"]  # an ablation family: a second
+    bases = [(r["macs"], r["top1"]) for r in result["rows"] if r["family"] == "baseline"]  # HydraNet curve
+    assert len(alt) == 2 and result["ablation_families"]["alt"]["macs"] == compare_families(bases, alt)
     assert {p.name for p in (tmp_path / "runs").glob("partition_*.json")} == {"partition_kmeans_b2.json",
                                                                               "partition_kmeans_b4.json",
                                                                               "partition_random_b2.json"}
@@ -152,6 +155,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
+    assert "The ablation family alt (a1, a3) instead of the HydraNets, against the baselines:" in md.read_text()
+    assert "| a1 | ablation (alt) |" in md.read_text() and "| c1 | check (long) |" in md.read_text()
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
     run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
     assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime

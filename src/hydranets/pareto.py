@@ -46,9 +46,10 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
     for entry in proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", []):
         model_config(proto, entry)  # check every entry before training anything
-        if "family" in entry and entry not in proto.get("checks", []):
-            raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks take one "
-                             "(checks of one family are compared with the HydraNets as a curve)")
+        if "family" in entry and entry not in proto.get("checks", []) + proto.get("ablations", []):
+            raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks and ablations "
+                             "take one (checks of one family are compared with the HydraNets as a curve, "
+                             "ablations of one family with the baselines)")
     return proto
 
 
@@ -223,7 +224,7 @@ def evaluate_protocol(proto: dict) -> dict:
                           true_route=k is not None and membership is not None)
             if k is None and membership is not None:
                 ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
-            rows.append({"name": entry["name"], "family": family, "check_family": entry.get("family"),
+            rows.append({"name": entry["name"], "family": family, "curve": entry.get("family"),
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                          "true_route_top1": ev.get("true_route_top1"),
@@ -241,13 +242,20 @@ def evaluate_protocol(proto: dict) -> dict:
               "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run}
     hydra = [r for r in rows if r["family"] == "hydranet"]
     result.update(_compare([r for r in rows if r["family"] == "baseline"], hydra))
-    check_families: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["check_family"]:
-            check_families.setdefault(r["check_family"], []).append(r)
-    result["vs_check_families"] = {name: _compare(members, hydra) for name, members in sorted(check_families.items())
-                                   if len(members) >= 2}
+    baseline = [r for r in rows if r["family"] == "baseline"]
+    result["vs_check_families"] = {name: _compare(members, hydra) for name, members in _curves(rows, "check").items()}
+    result["ablation_families"] = {name: _compare(baseline, members)
+                                   for name, members in _curves(rows, "ablation").items()}
     return result
+
+
+def _curves(rows: list[dict], family: str) -> dict[str, list[dict]]:
+    """Rows of one family grouped by their entry's ``family`` name, where a group has at least two members."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["family"] == family and r.get("curve"):
+            groups.setdefault(r["curve"], []).append(r)
+    return {name: members for name, members in sorted(groups.items()) if len(members) >= 2}
 
 
 def _compare(baseline: list[dict], hydra: list[dict]) -> dict:
@@ -272,10 +280,12 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
         families[f] = [(r["macs"], r["top1"], r["name"]) for r in sorted(result["rows"], key=lambda r: r["macs"])
                        if r["family"] == f]
     for r in sorted(result["rows"], key=lambda r: r["macs"]):
+        fam = r.get("curve")
         if r["family"] == "check":  # a check family as a curve, a lone check as a point
-            fam = r.get("check_family")
             label = f"{fam} (check family)" if fam else f"{r['name']} (check, {r['epochs']} epochs)"
             families.setdefault(label, []).append((r["macs"], r["top1"], r["name"] if fam else ""))
+        elif r["family"] == "ablation" and fam:
+            families.setdefault(f"{fam} (ablation family)", []).append((r["macs"], r["top1"], r["name"]))
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
@@ -289,11 +299,11 @@ def _times(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
-def _comparison_lines(comp: dict, bss: list[str], against: str) -> list[str]:
+def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "the HydraNet family") -> list[str]:
     m = comp["macs"]
     lines = [f"- Iso-accuracy saving in MACs at {against}'s best top-1 ({m['baseline_best_top1']:.2f}%): "
              f"{_times(m['iso_accuracy_saving'])}" + ("" if m["iso_accuracy_saving"] else
-                                                          " (the HydraNet family does not reach it)"),
+                                                          f" ({hydra} does not reach it)"),
              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
     for b in bss:
@@ -318,7 +328,8 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         total = r.get("total_epochs", r["epochs"])
         epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
-        lines.append(f"| {r['name']} | {r['family']} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
+        family = f"{r['family']} ({r['curve']})" if r.get("curve") else r["family"]
+        lines.append(f"| {r['name']} | {family} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
                      f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
     lines.append("")
@@ -330,9 +341,13 @@ def markdown_table(result: dict) -> str:
                      "(a perfect gate); far above top-1 means routing errors cost most, near it that the branches do")
     lines += _comparison_lines(result, bss, "the baseline family")
     for group, comp in result.get("vs_check_families", {}).items():
-        members = ", ".join(r["name"] for r in result["rows"] if r.get("check_family") == group)
+        members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "check" and r.get("curve") == group)
         lines.append(f"- Against the check family {group} ({members}) instead of the baselines:")
         lines += ["  " + line for line in _comparison_lines(comp, bss, group)]
+    for group, comp in result.get("ablation_families", {}).items():
+        members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "ablation" and r.get("curve") == group)
+        lines.append(f"- The ablation family {group} ({members}) instead of the HydraNets, against the baselines:")
+        lines += ["  " + line for line in _comparison_lines(comp, bss, "the baseline family", f"the {group} family")]
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
