@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -62,10 +63,24 @@ def test_every_entry_of_a_shipped_protocol_builds(path):
     for entry in entries:
         cfg = model_config(proto, entry)
         source = entry.get("hydra", {}).get("init_from")
-        assert source in (None, "baseline") or source in names, (entry["name"], source)
+        assert source in (None, "baseline") or source.partition("@")[0] in names, (entry["name"], source)
         cfg.hydra.enabled = "hydra" in entry
         model = build_model(model_info(cfg, 100, 3), topk=cfg.hydra.topk if cfg.hydra.enabled else 1)
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("source,keep,words", [
+    ("c1@2", [1], "starts from 'c1@2', but 'c1' does not keep that epoch; add 2 to its train.keep_epochs"),
+    ("c9", [], "starts from 'c9', which is neither an entry of the protocol nor an existing run folder"),
+    ("c1@x", [], "the part after '@' must be an epoch number, e.g. c1@7"),
+])
+def test_protocol_with_a_bad_start_is_refused(tmp_path, source, keep, words):
+    proto = {"protocol": "x", "base": {}, "partition_from": "c1", "baselines": [],
+             "hydranets": [{"name": "h", "hydra": {"init_from": source}}],
+             "checks": [{"name": "c1", "train": {"epochs": 2, "keep_epochs": keep}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    with pytest.raises(HydraError, match=re.escape(words)):
+        load_protocol(tmp_path / "p.yaml")
 
 
 def test_protocol_with_unknown_key_is_refused(tmp_path):
@@ -100,9 +115,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
                       {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
         "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"}, "family": "alt",
                        "hydra": {"num_branches": 2, "topk": 1}},
-                      {"name": "a3", "model": tiny, "family": "alt",  # upcycled from a check, which trains first
-                       "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1"}}],
-        "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2}, "family": "long"},
+                      {"name": "a3", "model": tiny, "family": "alt",  # upcycled from a check after its epoch 1
+                       "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1@1"}}],
+        "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2, "keep_epochs": [1]}, "family": "long"},
                    {"name": "c2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}},
                     "train": {"epochs": 2}, "family": "long"}],
     }
@@ -114,18 +129,18 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "runs" / "h1").exists()
     run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b1"])
     assert (tmp_path / "runs" / "b1" / "summary.json").exists() and not (tmp_path / "runs" / "b2").exists()
-    with pytest.raises(HydraError, match=r"init_from .*c1 has not finished training"):
+    with pytest.raises(HydraError, match=r"init_from .*c1 has not reached epoch 1 yet; .*--only c1"):
         run_protocol(load_protocol(tmp_path / "p.yaml"), only=["a3"])
     result = run_protocol(load_protocol(tmp_path / "p.yaml"))
     err = capsys.readouterr().err
     assert f"stem from {tmp_path / 'runs' / 'b1'}; every branch upcycled" in err
-    assert f"stem from {tmp_path / 'runs' / 'c1'}; every branch upcycled" in err
+    assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; every branch upcycled" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("a3", "ablation"), ("c1", "check"), ("c2", "check")]
     assert next(r for r in result["rows"] if r["name"] == "c1")["epochs"] == 2
     total = {r["name"]: r["total_epochs"] for r in result["rows"]}  # own epochs + those of the run it started from
-    assert (total["b1"], total["h1"], total["h2"], total["a3"]) == (1, 2, 1, 3)
+    assert (total["b1"], total["h1"], total["h2"], total["a3"]) == (1, 2, 1, 2)
     best = max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
     assert result["macs"]["baseline_best_top1"] == best  # checks stay off the baseline curve
     long = [(r["macs"], r["top1"]) for r in result["rows"] if r["curve"] == "long"]

@@ -205,6 +205,18 @@ def test_train_topk_and_shared_path(tmp_path, monkeypatch):
     assert torch.equal(model.shared.weight, ckpt["model"]["shared.weight"]) and model.shared.weight.abs().sum() > 0
 
 
+def test_kept_epoch_is_the_first_window_of_the_schedule(tmp_path):
+    """train.keep_epochs keeps the checkpoint after epoch 1 of 2: the same weights as a run that stops there."""
+    train(cfg_for(tmp_path / "whole", "train.epochs=2", "train.keep_epochs=[1]"))
+    train(cfg_for(tmp_path / "first", "train.epochs=1", "optim.schedule_epochs=2"))
+    kept = torch.load(tmp_path / "whole" / "checkpoints" / "epoch1.pt", weights_only=True)
+    first, last = load_ckpt(tmp_path / "first"), load_ckpt(tmp_path / "whole")
+    assert kept["epoch"] == 1 and last["epoch"] == 2
+    assert all(torch.equal(kept["model"][k], first["model"][k]) for k in first["model"])
+    assert not all(torch.equal(kept["model"][k], last["model"][k]) for k in last["model"])
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["epoch1.pt", "last.pt"]
+
+
 # ---------------------------------------------------------------- learning-rate schedule
 def test_two_windows_of_a_schedule_are_the_whole_schedule():
     whole = load_config(overrides=["train.epochs=4", "optim.lr=0.2", "optim.warmup_epochs=1"])
@@ -326,6 +338,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("hydra={enabled: true, upcycle: true, gate_loss: 0}", ["hydra.upcycle=true needs hydra.init_from"]),
     ("optim={schedule_epochs: 3, schedule_start: 2}", ["optim.schedule_start=2", "must lie within", "=3"]),
     ("hydra={enabled: true, num_branches: 4, train_topk: 5, gate_loss: 0}", ["hydra.train_topk", "from 1 to", "(4)", "5"]),
+    ("train.keep_epochs=[0]", ["train.keep_epochs", "from 1 to train.epochs", "[0]"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

@@ -23,7 +23,7 @@ from .errors import HydraError
 from .evaluate import evaluate, resolve_precision, subtask_recall
 from .partition import Partition
 from .pipeline import _device, compute_partition
-from .train import load_data, load_trained, resolve_checkpoint, train
+from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
 
 PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
                  "checks", "speed_batches", "speed_repeats"}
@@ -44,13 +44,34 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
         if key not in proto:
             raise HydraError(f"protocol {path} lacks {key!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
-    for entry in proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", []):
-        model_config(proto, entry)  # check every entry before training anything
+    entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    by_name = {e.get("name"): e for e in entries}
+    for entry in entries:
+        cfg = model_config(proto, entry)  # check every entry before training anything
+        ref = cfg.hydra.init_from if "hydra" in entry else None
+        if ref not in (None, "baseline"):
+            name, epoch = split_source(ref)
+            if name not in by_name and not Path(ref).exists():
+                raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, which is neither an "
+                                 "entry of the protocol nor an existing run folder or checkpoint")
+            kept = model_config(proto, by_name[name]).train.keep_epochs if name in by_name else []
+            if name in by_name and epoch is not None and epoch not in kept:
+                raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, but {name!r} does "
+                                 f"not keep that epoch; add {epoch} to its train.keep_epochs")
         if "family" in entry and entry not in proto.get("checks", []) + proto.get("ablations", []):
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks and ablations "
                              "take one (checks of one family are compared with the HydraNets as a curve, "
                              "ablations of one family with the baselines)")
     return proto
+
+
+def split_source(ref: str) -> tuple[str, int | None]:
+    """A HydraNet's ``init_from`` in a protocol: ``"resnet20"`` (the finished run) or ``"resnet20@7"`` (its
+    checkpoint after epoch 7, kept by ``train.keep_epochs``: a mid-schedule start at no extra training)."""
+    name, _, epoch = ref.partition("@")
+    if epoch and not epoch.isdigit():
+        raise HydraError(f"init_from {ref!r}: the part after '@' must be an epoch number, e.g. {name}@7")
+    return name, int(epoch) if epoch else None
 
 
 def protocol_dir(proto: dict) -> Path:
@@ -153,7 +174,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
 
     by_name = {e["name"]: e for e in entries}
     hydras = proto["hydranets"] + proto.get("ablations", [])
-    sources = {e.get("hydra", {}).get("init_from") for e in filter(wanted, hydras)}
+    sources = {split_source(e["hydra"]["init_from"])[0] for e in filter(wanted, hydras)
+               if e.get("hydra", {}).get("init_from")}
     for entry in proto.get("checks", []):  # checks that HydraNets start from train first
         if entry["name"] in sources and wanted(entry):
             say(f"check {entry['name']}")
@@ -167,8 +189,16 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
             same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
             cfg.hydra.init_from = _finished(same[0], "init_from baseline") if same and cfg.hydra.stem_width == 1.0 \
                 else None
-        elif cfg.hydra.init_from in by_name:  # another entry of the protocol, e.g. a baseline trained longer
-            cfg.hydra.init_from = _finished(model_config(proto, by_name[cfg.hydra.init_from]), "init_from")
+        elif cfg.hydra.init_from and split_source(cfg.hydra.init_from)[0] in by_name:  # finished, or at a kept epoch
+            name, epoch = split_source(cfg.hydra.init_from)
+            source = model_config(proto, by_name[name])
+            if epoch is None:
+                cfg.hydra.init_from = _finished(source, "init_from")
+            elif not (Path(source.out) / kept_checkpoint(epoch)).exists():
+                raise HydraError(f"init_from {source.out} has not reached epoch {epoch} yet; train it first "
+                                 f"(run without --only, or with --only {name})")
+            else:
+                cfg.hydra.init_from = str(Path(source.out) / kept_checkpoint(epoch))
         if cfg.distill.teacher == "baseline":
             cfg.distill.teacher = _finished(src_cfg, "distill.teacher baseline")
         say(f"hydranet {entry['name']}")

@@ -205,6 +205,11 @@ def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | N
     return None
 
 
+def kept_checkpoint(epoch: int) -> str:
+    """Where a run keeps its checkpoint after ``epoch`` (``train.keep_epochs``), relative to its folder."""
+    return f"checkpoints/epoch{epoch}.pt"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder or a checkpoint file -> the checkpoint file."""
     path = Path(path)
@@ -317,6 +322,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and h.train_topk is not None and not (isinstance(h.train_topk, int) and 1 <= h.train_topk <= h.num_branches):
         raise HydraError(f"hydra.train_topk must be an integer from 1 to hydra.num_branches ({h.num_branches}), "
                          f"got {h.train_topk!r}; or null to train with hydra.topk")
+    if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.keep_epochs):
+        raise HydraError(f"train.keep_epochs must list epochs from 1 to train.epochs ({t.epochs}), got {t.keep_epochs!r}")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
         raise HydraError("hydra.upcycle=true needs hydra.init_from=BASELINE_RUN (the trained network to copy)")
     if not is_model(cfg.model.name):
@@ -389,6 +396,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
                     "model_info": info, "topk": cfg.hydra.topk,
                     "partition": partition.to_dict() if partition is not None else None}
             atomic_save(ckpt, out / CHECKPOINT)
+            if epoch + 1 in t.keep_epochs:
+                atomic_save(ckpt, out / kept_checkpoint(epoch + 1))
             append_metrics(out, row)
             if writer is not None:
                 for k, v in row.items():
