@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -175,3 +176,22 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
     run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
     assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_smoke_run_of_a_gpu_protocol(tmp_path, monkeypatch):
+    """--smoke runs a shipped protocol end to end in miniature (here on synthetic data): mid-schedule starts
+    from kept epochs included, in its own folder."""
+    from hydranets.cli import main
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "configs" / "bench" / "cifar100-gpu.yaml"
+    main(["bench", "pareto", "--config", str(path), "--smoke", "data={name: synthetic, root: null, download: false, "
+          "classes: 16}", "train.threads=1"])
+    proto = load_protocol(path)
+    runs = tmp_path / f"{proto['out']}-smoke"
+    assert (runs / "resnet20" / "checkpoints" / "epoch1.pt").exists() and not (tmp_path / proto["out"]).exists()
+    result = json.loads((runs / "results" / "cifar100-gpu-smoke.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {e["name"] for e in proto["baselines"] + proto["hydranets"] + proto["ablations"]}
+    assert (rows["resnet20"]["epochs"], rows["hydra-r20-b8k1"]["epochs"], rows["hydra-r20-b8k1"]["total_epochs"]) == (2, 1, 2)
+    assert result["macs"]["baseline_best_top1"] == max(r["top1"] for r in result["rows"] if r["family"] == "baseline")

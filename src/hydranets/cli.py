@@ -97,8 +97,11 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench_pareto(args) -> None:
-    from .pareto import evaluate_protocol, load_protocol, run_protocol, write_results
+    from .pareto import evaluate_protocol, load_protocol, protocol_dir, run_protocol, smoke_protocol, write_results
     proto = load_protocol(args.config, args.overrides)
+    if args.smoke:
+        proto = smoke_protocol(proto)
+        args.results = protocol_dir(proto) / "results"
     result = evaluate_protocol(proto) if args.eval_only else \
         run_protocol(proto, only_train=args.train_only, only=args.only)
     if result is not None:
@@ -162,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--eval-only", action="store_true", help="evaluate what has finished (ablations and checks "
                       "that have not are listed as not run)")
     p.add_argument("--results", default="benchmarks/results", help="folder for <protocol>.{json,png,md}")
+    p.add_argument("--smoke", action="store_true", help="the protocol in miniature (2-epoch schedules, 1,024 "
+                   "training images) in <out>-smoke: tries a config end to end in minutes")
     p.set_defaults(fn=cmd_bench_pareto)
 
     p = sub.add_parser("models", help="list registered model names")

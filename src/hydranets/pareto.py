@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
         if key not in proto:
             raise HydraError(f"protocol {path} lacks {key!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
+    check_entries(proto, path)
+    return proto
+
+
+def check_entries(proto: dict, path: str | Path) -> None:
+    """Every entry's config is valid, and every run it starts from is an entry (keeping that epoch) or exists."""
     entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
     by_name = {e.get("name"): e for e in entries}
     for entry in entries:
@@ -62,7 +69,6 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks and ablations "
                              "take one (checks of one family are compared with the HydraNets as a curve, "
                              "ablations of one family with the baselines)")
-    return proto
 
 
 def split_source(ref: str) -> tuple[str, int | None]:
@@ -72,6 +78,39 @@ def split_source(ref: str) -> tuple[str, int | None]:
     if epoch and not epoch.isdigit():
         raise HydraError(f"init_from {ref!r}: the part after '@' must be an epoch number, e.g. {name}@7")
     return name, int(epoch) if epoch else None
+
+
+def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512) -> dict:
+    """The protocol in miniature, to try a config end to end in minutes before its real run.
+
+    Every epoch number (epochs, schedule windows, kept epochs, ``NAME@N`` starts) is scaled so that the
+    longest schedule has 2 epochs, keeping where each run starts and ends within it; the data are cut to
+    ``train_images`` / ``test_images``; runs go to ``<out>-smoke``, so the real run folders stay untouched.
+    """
+    p = copy.deepcopy(proto)
+    entries = p["baselines"] + p["hydranets"] + p.get("ablations", []) + p.get("checks", [])
+    cfgs = [model_config(p, e) for e in entries]
+    longest = max(c.optim.schedule_epochs or c.train.epochs for c in cfgs)
+    at = lambda x: math.ceil(x * 2 / longest - 1e-9)  # noqa: E731
+    for entry, cfg in zip(entries, cfgs):
+        o, t = cfg.optim, cfg.train
+        start, end = at(o.schedule_start), at(o.schedule_start + t.epochs)
+        end = max(end, start + 1)
+        entry["train"] = {**entry.get("train", {}), "epochs": end - start, "keep_epochs": [at(k) for k in t.keep_epochs]}
+        entry["optim"] = {**entry.get("optim", {}), "schedule_start": start,
+                          "schedule_epochs": max(end, at(o.schedule_epochs or t.epochs)),
+                          "warmup_epochs": o.warmup_epochs * 2 / longest}
+        ref = entry.get("hydra", {}).get("init_from")
+        if ref and "@" in ref:
+            name, epoch = split_source(ref)
+            entry["hydra"] = {**entry["hydra"], "init_from": f"{name}@{at(epoch)}"}
+        if "hydra" in entry and cfg.hydra.oracle_epochs:
+            entry["hydra"]["oracle_epochs"] = cfg.hydra.oracle_epochs * 2 / longest
+    p["base"] = _merge(p["base"], {"data": {"train_subset": train_images, "test_subset": test_images}})
+    p["protocol"], p["out"] = f"{p['protocol']}-smoke", f"{protocol_dir(p)}-smoke"
+    p["speed_repeats"] = 1
+    check_entries(p, f"{p['protocol']} (--smoke)")
+    return p
 
 
 def protocol_dir(proto: dict) -> Path:
