@@ -94,7 +94,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     tensorboard: bool = False
-    keep_epochs: list = field(default_factory=list)  # also keep checkpoints/epochN.pt after these epochs (mid-schedule starts)
+    keep_epochs: list = field(default_factory=list)  # also keep checkpoints/epochN.pt after these (mid-schedule starts)
 
 
 @dataclass

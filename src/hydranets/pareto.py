@@ -96,7 +96,8 @@ def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512
         o, t = cfg.optim, cfg.train
         start, end = at(o.schedule_start), at(o.schedule_start + t.epochs)
         end = max(end, start + 1)
-        entry["train"] = {**entry.get("train", {}), "epochs": end - start, "keep_epochs": [at(k) for k in t.keep_epochs]}
+        entry["train"] = {**entry.get("train", {}), "epochs": end - start,
+                          "keep_epochs": [at(k) for k in t.keep_epochs]}
         entry["optim"] = {**entry.get("optim", {}), "schedule_start": start,
                           "schedule_epochs": max(end, at(o.schedule_epochs or t.epochs)),
                           "warmup_epochs": o.warmup_epochs * 2 / longest}
