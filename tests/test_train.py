@@ -520,7 +520,8 @@ def test_resume_after_nan_with_sane_lr_finishes(diverged, capsys, tmp_path):
     """Continues (a copy of) the diverged run from its epoch-1 checkpoint with a sane lr."""
     out = tmp_path / "copy"
     shutil.copytree(diverged[0], out)
-    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.schedule=constant", "--resume")
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.schedule=constant",
+                         "hydra.gate_loss=2.5", "--resume")  # a dense run ignores the hydra section (e.g. new defaults)
     assert code == 0, err
     assert "after epoch 1" in err
     rows = read_metrics(out)

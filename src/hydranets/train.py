@@ -237,7 +237,8 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
         if (out / "config.yaml").exists():
             import yaml
             old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
-            for section in ("data", "model", "hydra"):
+            dense = not (old.hydra.enabled or cfg.hydra.enabled)  # a dense run ignores the hydra section
+            for section in ("data", "model") if dense else ("data", "model", "hydra"):
                 a, b = getattr(old, section).__dict__, getattr(cfg, section).__dict__
                 diff = [k for k in a if a[k] != b[k]]
                 if diff:
