@@ -298,6 +298,7 @@ def evaluate_protocol(proto: dict) -> dict:
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                          "true_route_top1": ev.get("true_route_top1"),
+                         "busiest_branch": 100 * max(ev["branch_load"]) if ev.get("branch_load") else None,
                          "subtask_recall": ev.get("subtask_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
@@ -392,15 +393,16 @@ def _recall(row: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
-    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | MMACs/img | " \
-        "params (M) | " + " | ".join(f"img/s @{b}" for b in bss) + " |"
-    lines = [head, "|" + "---|" * (10 + len(bss))]
+    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | busiest branch | " \
+        "MMACs/img | params (M) | " + " | ".join(f"img/s @{b}" for b in bss) + " |"
+    lines = [head, "|" + "---|" * (11 + len(bss))]
     for r in result["rows"]:
         total = r.get("total_epochs", r["epochs"])
         epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
         family = f"{r['family']} ({r['curve']})" if r.get("curve") else r["family"]
         lines.append(f"| {r['name']} | {family} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
-                     f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | {r['macs'] / 1e6:.1f} | "
+                     f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | "
+                     f"{_fmt(r.get('busiest_branch'), '.0f', '-')} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
     lines.append("")
     if any(r.get("subtask_recall") is not None for r in result["rows"]):
@@ -409,6 +411,8 @@ def markdown_table(result: dict) -> str:
     if any(r.get("true_route_top1") is not None for r in result["rows"]):
         lines.append("- Top-1 true route: a HydraNet's top-1 when each image's true subtask is among its k branches "
                      "(a perfect gate); far above top-1 means routing errors cost most, near it that the branches do")
+        lines.append("- Busiest branch: the share of test images (%) that run the most used branch; with B branches and "
+                     "top-k, balanced routing gives 100 k/B, 100 means every image runs that branch (collapsed routing)")
     lines += _comparison_lines(result, bss, "the baseline family")
     for group, comp in result.get("vs_check_families", {}).items():
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "check" and r.get("curve") == group)
