@@ -235,3 +235,16 @@ def test_shared_path_adds_the_gates_features_for_every_image():
     assert count_params(shared) - count_params(plain) == shared.gate[-1].in_features * 64 + 64
     macs = model_macs(shared, (3, 32, 32)) - model_macs(plain, (3, 32, 32))
     assert macs == shared.gate[-1].in_features * 64   # one small projection per image
+
+
+def test_balance_loss_by_hand():
+    from hydranets.routing import balance_loss
+    even = balance_loss(torch.zeros(4, 2), torch.tensor([[0], [1], [0], [1]]))
+    assert even.item() == pytest.approx(1.0)                      # uniform routing: 1
+    logits = torch.tensor([[torch.tensor(3.0).log().item(), 0.0]] * 2, requires_grad=True)  # softmax p0 = 3/4
+    loss = balance_loss(logits, torch.tensor([[0], [0]]))        # every image on branch 0: f = (1, 0)
+    assert loss.item() == pytest.approx(2 * 0.75)
+    loss.backward()
+    assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1] < 0).all()  # descent moves mass off branch 0
+    top2 = balance_loss(torch.zeros(3, 4), torch.tensor([[0, 1], [0, 2], [0, 3]]))  # f = (1/2, 1/6, 1/6, 1/6)
+    assert top2.item() == pytest.approx(4 * 0.25 * (0.5 + 3 / 6))

@@ -53,6 +53,7 @@ class HydraConfig:
     routing: str = "topk"                # soft | topk | oracle: routing while training (evaluation is top-k)
     train_topk: int | None = None        # branches per image while training with top-k routing (None: topk)
     shared_path: bool = False            # the gate's features also feed the combiner, for every image
+    balance_loss: float = 0.0            # weight of a load-balancing loss on the top-k routing (0: off)
     oracle_epochs: float = 0.0           # route by the true subtask at first, annealed to the gate over these epochs
     init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed)
     upcycle: bool | None = None          # with init_from, branches start as the baseline's tail (None: where widths fit)

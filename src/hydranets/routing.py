@@ -52,3 +52,16 @@ def run_all(x: torch.Tensor, branches: Sequence[nn.Module], weight: torch.Tensor
         y = branch(x) * weight[:, b, None].to(x.dtype)
         out = y if out is None else out + y
     return out
+
+
+def balance_loss(gate_logits: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """Load-balancing loss (Switch Transformer's): B * sum_b f_b * p_b over the batch.
+
+    f_b is the share of routing slots on branch b (from ``route``, (N, k)), p_b the mean softmax gate
+    probability of b. It is 1 for uniform routing and approaches B when every image goes to one
+    branch; its gradient (through p) pushes probability off the overloaded branches.
+    """
+    b = gate_logits.shape[1]
+    f = torch.bincount(route.reshape(-1), minlength=b).float() / route.numel()
+    p = gate_logits.float().softmax(1).mean(0)
+    return b * (f * p).sum()
