@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from hydranets import HydraError
-from hydranets.pareto import (compare_families, evaluate_protocol, frontier, load_protocol, markdown_table, model_config,
-                              run_protocol, write_results)
+from hydranets.pareto import (all_entries, compare_families, evaluate_protocol, frontier, load_protocol,
+                              markdown_table, model_config, run_protocol, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_every_entry_of_a_shipped_protocol_builds(path):
     """Each entry's config is valid, names a run it starts from that exists, and its model builds and runs."""
     from hydranets.train import build_model, model_info
     proto = load_protocol(path)
-    entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    entries = all_entries(proto)
     names = {e["name"] for e in entries}
     for entry in entries:
         cfg = model_config(proto, entry)

@@ -51,7 +51,7 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 def check_entries(proto: dict, path: str | Path) -> None:
     """Every entry's config is valid, and every run it starts from is an entry (keeping that epoch) or exists."""
-    entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    entries = all_entries(proto)
     by_name = {e.get("name"): e for e in entries}
     for entry in entries:
         cfg = model_config(proto, entry)  # check every entry before training anything
@@ -61,14 +61,19 @@ def check_entries(proto: dict, path: str | Path) -> None:
             if name not in by_name and not Path(ref).exists():
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, which is neither an "
                                  "entry of the protocol nor an existing run folder or checkpoint")
-            kept = model_config(proto, by_name[name]).train.keep_epochs if name in by_name else []
-            if name in by_name and epoch is not None and epoch not in kept:
+            source = by_name.get(name)
+            if epoch is not None and source and epoch not in model_config(proto, source).train.keep_epochs:
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, but {name!r} does "
                                  f"not keep that epoch; add {epoch} to its train.keep_epochs")
         if "family" in entry and entry not in proto.get("checks", []) + proto.get("ablations", []):
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks and ablations "
                              "take one (checks of one family are compared with the HydraNets as a curve, "
                              "ablations of one family with the baselines)")
+
+
+def all_entries(proto: dict) -> list[dict]:
+    """Every entry of a protocol: baselines, HydraNets, ablations, checks."""
+    return proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
 
 
 def split_source(ref: str) -> tuple[str, int | None]:
@@ -88,7 +93,7 @@ def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512
     ``train_images`` / ``test_images``; runs go to ``<out>-smoke``, so the real run folders stay untouched.
     """
     p = copy.deepcopy(proto)
-    entries = p["baselines"] + p["hydranets"] + p.get("ablations", []) + p.get("checks", [])
+    entries = all_entries(p)
     cfgs = [model_config(p, e) for e in entries]
     longest = max(c.optim.schedule_epochs or c.train.epochs for c in cfgs)
     at = lambda x: math.ceil(x * 2 / longest - 1e-9)  # noqa: E731
@@ -189,7 +194,7 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     """
     protocol_dir(proto).mkdir(parents=True, exist_ok=True)
     say = lambda m: print(f"[bench {proto['protocol']}] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    entries = proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    entries = all_entries(proto)
     unknown = sorted(set(only or []) - {e["name"] for e in entries})
     if unknown:
         raise HydraError(f"--only {unknown[0]!r} is not an entry of protocol {proto['protocol']}")
@@ -312,8 +317,8 @@ def evaluate_protocol(proto: dict) -> dict:
               "device": str(device), "precision": precision, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run}
     hydra = [r for r in rows if r["family"] == "hydranet"]
-    result.update(_compare([r for r in rows if r["family"] == "baseline"], hydra))
     baseline = [r for r in rows if r["family"] == "baseline"]
+    result.update(_compare(baseline, hydra))
     result["vs_check_families"] = {name: _compare(members, hydra) for name, members in _curves(rows, "check").items()}
     result["ablation_families"] = {name: _compare(baseline, members)
                                    for name, members in _curves(rows, "ablation").items()}
