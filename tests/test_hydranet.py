@@ -248,3 +248,30 @@ def test_balance_loss_by_hand():
     assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1] < 0).all()  # descent moves mass off branch 0
     top2 = balance_loss(torch.zeros(3, 4), torch.tensor([[0, 1], [0, 2], [0, 3]]))  # f = (1/2, 1/6, 1/6, 1/6)
     assert top2.item() == pytest.approx(4 * 0.25 * (0.5 + 3 / 6))
+
+
+def test_speed_is_timed_on_the_given_images():
+    from hydranets.cost import compare_speed, first_images
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return x.mean()
+
+    batches = [(torch.arange(i * 30, i * 30 + 3 * 4 * 4 * 3, dtype=torch.float).reshape(3, 3, 4, 4), None)
+               for i in range(3)]
+    images = first_images(batches, 5)
+    assert torch.equal(images, torch.cat([batches[0][0], batches[1][0][:2]]))
+    rec = Recorder()
+    out = compare_speed({"r": (rec, {})}, (3, 4, 4), 4, repeats=1, warmup=0, min_time=0, images=images)
+    assert out["r"]["batch_size"] == 4 and all(torch.equal(x, images[:4]) for x in rec.seen)
+    rec.seen.clear()
+    compare_speed({"r": (rec, {})}, (3, 4, 4), 7, repeats=1, warmup=0, min_time=0, images=images[:3])
+    assert all(torch.equal(x, torch.cat([images[:3], images[:3], images[:1]])) for x in rec.seen)  # repeated
+    with pytest.raises(HydraError, match=r"needs images of size \(3, 4, 4\), got a tensor of shape \(2, 3, 5, 5\)"):
+        compare_speed({"r": (rec, {})}, (3, 4, 4), 2, images=torch.zeros(2, 3, 5, 5))

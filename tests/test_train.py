@@ -222,7 +222,7 @@ def test_balance_loss_adds_its_weighted_term(tmp_path):
     from hydranets.routing import balance_loss
     from hydranets.train import build_model, compute_loss, model_info
     part = Partition([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], 10, [f"class{c}" for c in range(10)])
-    cfg = cfg_for(tmp_path / "r", "hydra.enabled=true", "hydra.num_branches=2", "hydra.topk=1",
+    cfg = cfg_for(tmp_path / "r", "hydra.enabled=true", "hydra.num_branches=2", "hydra.topk=1", "hydra.balance_loss=0",
                   "hydra.stem_width=0.25", "hydra.branch_width=0.25", "hydra.gate_width=0.25")
     torch.manual_seed(0)
     model = build_model(model_info(cfg, 10, 3), part, topk=1).train()
@@ -232,6 +232,12 @@ def test_balance_loss_adds_its_weighted_term(tmp_path):
     with_it = compute_loss(cfg, model, model, None, x, y, None, None, y)
     out = model(x, routing="topk", return_gate=True)
     assert (with_it - without).item() == pytest.approx(0.5 * balance_loss(out.gate_logits, out.route).item(), rel=1e-5)
+    cfg.hydra.routing = "soft"  # every branch runs; the loss balances the gate's top-1, what inference will run
+    soft = compute_loss(cfg, model, model, None, x, y, None, None, y)
+    cfg.hydra.balance_loss = 0.0
+    soft_without = compute_loss(cfg, model, model, None, x, y, None, None, y)
+    top1 = out.gate_logits.argmax(1, keepdim=True)
+    assert (soft - soft_without).item() == pytest.approx(0.5 * balance_loss(out.gate_logits, top1).item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- learning-rate schedule
@@ -356,7 +362,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("optim={schedule_epochs: 3, schedule_start: 2}", ["optim.schedule_start=2", "must lie within", "=3"]),
     ("hydra={enabled: true, num_branches: 4, train_topk: 5, gate_loss: 0}", ["hydra.train_topk", "from 1 to", "(4)", "5"]),
     ("train.keep_epochs=[0]", ["train.keep_epochs", "from 1 to train.epochs", "[0]"]),
-    ("hydra={enabled: true, routing: soft, balance_loss: 0.1, gate_loss: 0}", ["hydra.balance_loss=0.1", "top-k"]),
+    ("hydra={enabled: true, balance_loss: -0.1, gate_loss: 0}", ["hydra.balance_loss=-0.1", "must be >= 0"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

@@ -30,7 +30,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from .config import config_from_dict
-    from .cost import active_params, compare_speed, model_macs
+    from .cost import active_params, compare_speed, first_images, model_macs
     from .data import BatchLoader
     from .distributed import pick_device
     from .evaluate import evaluate
@@ -57,7 +57,8 @@ def cmd_eval(args) -> None:
                      "macs": model_macs(model, size, **kw), "active_params": active_params(model, k)})
         candidates[str(k)] = (model, kw)
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
-                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None)
+                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                          images=first_images(batches, args.speed_batch))
     print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
     print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'MMACs':>9}{'params(M)':>11}{'images/s':>10}")
     for r, key in zip(rows, candidates):

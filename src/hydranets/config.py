@@ -49,11 +49,11 @@ class HydraConfig:
     feature_dim: int | None = None
     gate_weighting: str = "sigmoid"      # sigmoid | softmax
     partition: str | None = None         # partition JSON (hydranets partition); needed when gate_loss > 0
-    gate_loss: float = 1.0               # lambda: weight of the gate's BCE against subtask membership
+    gate_loss: float = 0.3               # lambda: weight of the gate's BCE against subtask membership (paper: 1)
     routing: str = "topk"                # soft | topk | oracle: routing while training (evaluation is top-k)
     train_topk: int | None = None        # branches per image while training with top-k routing (None: topk)
-    shared_path: bool = False            # the gate's features also feed the combiner, for every image
-    balance_loss: float = 0.0            # weight of a load-balancing loss on the top-k routing (0: off)
+    shared_path: bool = True             # the gate's features also feed the combiner, for every image (paper: off)
+    balance_loss: float = 0.1            # weight of a load-balancing loss on the gate's top-k choice (0: off; paper: off)
     oracle_epochs: float = 0.0           # route by the true subtask at first, annealed to the gate over these epochs
     init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed)
     upcycle: bool | None = None          # with init_from, branches start as the baseline's tail (None: where widths fit)

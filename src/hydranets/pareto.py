@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, _merge, config_from_dict
-from .cost import compare_speed, count_params, model_macs
+from .cost import compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
 from .evaluate import evaluate, resolve_precision, subtask_recall
 from .partition import Partition
@@ -308,9 +308,11 @@ def evaluate_protocol(proto: dict) -> dict:
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
             candidates[entry["name"]] = (model, kw)
-    for bs in proto.get("speed_batches", [256, 1]):
+    speed_batches = proto.get("speed_batches", [256, 1])
+    images = first_images(batches, max(speed_batches))
+    for bs in speed_batches:
         speed = compare_speed(candidates, size, bs, repeats=proto.get("speed_repeats", 5),
-                              autocast=torch.bfloat16 if precision == "bf16" else None)
+                              autocast=torch.bfloat16 if precision == "bf16" else None, images=images)
         for r in rows:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .config import Config, config_from_dict, save_config
-from .cost import active_params, compare_speed, count_params, model_macs
+from .cost import active_params, compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
 from .evaluate import evaluate, resolve_precision
 from .hydranet import HydraNet
@@ -121,7 +121,8 @@ def evaluate_models(cfg: Config, runs: dict[str, Path]) -> dict:
             if k == cfg.hydra.topk:
                 routing = {"k": k, "matrix": ev.get("routing_matrix"), "load": ev["branch_load"]}
     speed = compare_speed(candidates, size, cfg.pipeline.speed_batch, repeats=cfg.pipeline.speed_repeats,
-                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None)
+                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                          images=first_images(batches, cfg.pipeline.speed_batch))
     for row in rows:
         row["images_per_s"] = speed[row.pop("label")]["images_per_s"]
     return {"dataset": cfg.data.name, "num_classes": len(test_set.classes), "class_names": test_set.classes,

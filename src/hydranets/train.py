@@ -31,7 +31,7 @@ from .evaluate import autocast_for, evaluate, resolve_precision
 from .hydranet import HydraNet, build_hydranet
 from .partition import Partition
 from .registry import create_model, is_model
-from .routing import balance_loss
+from .routing import balance_loss, topk_route
 
 CHECKPOINT = "checkpoints/last.pt"
 
@@ -324,9 +324,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and h.train_topk is not None and not (isinstance(h.train_topk, int) and 1 <= h.train_topk <= h.num_branches):
         raise HydraError(f"hydra.train_topk must be an integer from 1 to hydra.num_branches ({h.num_branches}), "
                          f"got {h.train_topk!r}; or null to train with hydra.topk")
-    if h.enabled and (h.balance_loss < 0 or (h.balance_loss > 0 and h.routing == "soft")):
-        raise HydraError(f"hydra.balance_loss={h.balance_loss} must be >= 0 and balances top-k routing only; "
-                         "use hydra.routing=topk (or oracle) with it, or set it to 0")
+    if h.enabled and h.balance_loss < 0:
+        raise HydraError(f"hydra.balance_loss={h.balance_loss} must be >= 0 (0 turns it off)")
     if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.keep_epochs):
         raise HydraError(f"train.keep_epochs must list epochs from 1 to train.epochs ({t.epochs}), got {t.keep_epochs!r}")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
@@ -509,8 +508,9 @@ def compute_loss(cfg: Config, net: nn.Module, hydra: HydraNet | None, teacher: n
         if mix is not None:
             target = lam * target + (1 - lam) * hydra.gate_targets(all_y[perm])
         loss = loss + cfg.hydra.gate_loss * F.binary_cross_entropy_with_logits(gate_logits.float(), target)
-    if gate_logits is not None and cfg.hydra.balance_loss > 0 and route is not None:
-        loss = loss + cfg.hydra.balance_loss * balance_loss(gate_logits, route)
+    if gate_logits is not None and cfg.hydra.balance_loss > 0:  # soft routing: balance the top-k that inference runs
+        chosen = route if route is not None else topk_route(gate_logits.detach(), hydra.topk)
+        loss = loss + cfg.hydra.balance_loss * balance_loss(gate_logits, chosen)
     if teacher is not None:
         T, w = cfg.distill.temperature, cfg.distill.weight
         with torch.no_grad():
