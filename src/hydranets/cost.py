@@ -82,7 +82,7 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
     so load on a shared machine falls on all of them alike. A timing runs the forward enough times
     to last ``min_time`` seconds. ``images`` times real inputs instead of random ones (the first
     ``batch_size``, repeated if there are fewer): a trained HydraNet's gate sends random images to
-    fewer branches than real ones (5 of 8 against 8 of 8 in one measurement), so fewer, larger calls.
+    fewer branches than real ones (4-5 of 8 against 8 of 8 on tin100-cpu), so fewer, larger calls.
     """
     if images is None:
         x_cpu = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
