@@ -86,7 +86,7 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
     """
     if images is None:
         x_cpu = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
-    elif images.dim() != len(input_size) + 1 or tuple(images.shape[1:]) != tuple(input_size) or not len(images):
+    elif tuple(images.shape[1:]) != tuple(input_size) or not len(images):
         raise HydraError(f"compare_speed needs images of size {tuple(input_size)}, got a tensor of shape "
                          f"{tuple(images.shape)}")
     else:
