@@ -186,7 +186,7 @@ def test_upcycle_makes_every_branch_the_baselines_tail(tmp_path):
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=1.0, gate_width=0.5,
                          depth=8, width=0.5)
-    assert init_stem_from(hyd, str(path), upcycle=True) is True
+    assert init_stem_from(hyd, str(path), upcycle=True) == ["branches"]
     hyd.eval()
     x = torch.randn(5, 3, 16, 16)
     expected = base.forward_features(x)
@@ -200,7 +200,7 @@ def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path
     from hydranets.train import init_stem_from
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=1.0, depth=8, width=0.5)
-    assert init_stem_from(hyd, str(path)) is False
+    assert init_stem_from(hyd, str(path)) == []
     x = torch.randn(4, 3, 16, 16)
     hyd.eval()
     expected = x
@@ -211,8 +211,8 @@ def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path
     narrow = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=0.5, depth=8, width=0.5)
     with pytest.raises(HydraError, match=r"needs its tensor 0.0.body.0.0.weight \(16, 16, 3, 3\) \(the baseline has \(32, 16, 3, 3\)\).*width=1.0"):
         init_stem_from(narrow, str(path), upcycle=True)
-    assert init_stem_from(narrow, str(path), upcycle=None) is False  # auto: where the widths fit
-    assert init_stem_from(hyd, str(path), upcycle=None) is True
+    assert init_stem_from(narrow, str(path), upcycle=None) == []  # auto: where the widths fit
+    assert init_stem_from(hyd, str(path), upcycle=None) == ["branches"]
 
 
 def test_shared_path_adds_the_gates_features_for_every_image():
@@ -275,3 +275,26 @@ def test_speed_is_timed_on_the_given_images():
     assert all(torch.equal(x, torch.cat([images[:3], images[:3], images[:1]])) for x in rec.seen)  # repeated
     with pytest.raises(HydraError, match=r"needs images of size \(3, 4, 4\), got a tensor of shape \(2, 3, 5, 5\)"):
         compare_speed({"r": (rec, {})}, (3, 4, 4), 2, images=torch.zeros(2, 3, 5, 5))
+
+
+def test_upcycled_gate_with_shared_path_starts_as_the_baseline(tmp_path):
+    from hydranets.train import init_stem_from
+    base, path = _baseline_checkpoint(tmp_path)
+    hyd = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=0.5, gate_width=1.0,
+                         shared_path=True, depth=8, width=0.5)
+    assert init_stem_from(hyd, str(path), upcycle=None) == ["gate"]
+    hyd.eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = base.forward_features(x)
+        torch.testing.assert_close(hyd.gate[:-1](hyd.stem(x)), expected, rtol=1e-5, atol=1e-5)
+        for branch in hyd.branches:  # fresh branches, projected to zero: they add nothing yet
+            assert branch[-1].weight.abs().sum() == 0
+        eps = hyd.norm.eps  # a fresh BatchNorm1d in eval mode divides by sqrt(1 + eps)
+        torch.testing.assert_close(hyd(x), base.fc(expected / (1 + eps) ** 0.5), rtol=1e-4, atol=1e-4)
+    no_shared = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=0.5, gate_width=1.0,
+                               depth=8, width=0.5)
+    fresh_fc = no_shared.classifier.weight.clone()
+    assert init_stem_from(no_shared, str(path), upcycle=True) == ["gate"]  # the gate's trunk only
+    torch.testing.assert_close(no_shared.gate[:-1].eval()(no_shared.stem.eval()(x)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_shared.classifier.weight, fresh_fc)

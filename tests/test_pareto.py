@@ -8,7 +8,8 @@ import yaml
 
 from hydranets import HydraError
 from hydranets.pareto import (all_entries, compare_families, evaluate_protocol, frontier, load_protocol,
-                              markdown_table, model_config, run_protocol, write_results)
+                              markdown_table, model_config, run_protocol, top1_standard_error,
+                              write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,17 @@ def test_markdown_reports_a_miss_as_not_reached():
                          "device": "cpu", "precision": "fp32", "torch": "x", "threads": 1})
     assert "(34.00%): n/a (the HydraNet family does not reach it)" in md
     assert "batch 1: iso-accuracy saving n/a," in md and "n/ax" not in md
+    assert "Noise" not in md  # results written before the test-set size was recorded
+    md = markdown_table({"rows": rows, "macs": comp, "time_b1": comp, "dataset": "synthetic", "classes": 10,
+                         "device": "cpu", "precision": "fp32", "torch": "x", "threads": 1, "test_images": 2500})
+    # mean top-1 30%: sqrt(0.3 * 0.7 / 2500) = 0.917 points; a difference needs 2 * sqrt(2) of that
+    assert "on 2500 test images one standard error of a top-1 near 30% is 0.92 points" in md
+    assert "beyond about 2.6 points" in md
+
+
+def test_top1_standard_error_is_binomial():
+    assert top1_standard_error(50.0, 10_000) == pytest.approx(0.5)
+    assert top1_standard_error(10.0, 100) == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("name", ["tin100-cpu", "tin200-gpu", "cifar100-gpu"])
@@ -98,6 +110,11 @@ def test_protocol_with_unknown_key_is_refused(tmp_path):
                                                      "baselines": [{"name": "a", "family": "f"}], "hydranets": []}))
     with pytest.raises(HydraError, match="entry 'a' has a 'family'; only checks and ablations take one"):
         load_protocol(tmp_path / "r.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "partition_from": "a",
+                                                     "baselines": [{"name": "a"}], "hydranets": [],
+                                                     "checks": [{"name": "c", "hydra": {"topk": 1}}]}))
+    with pytest.raises(HydraError, match="entry 'c' has hydra settings but is not a HydraNet"):
+        load_protocol(tmp_path / "s.yaml")  # it would train a dense network without a word
 
 
 @pytest.mark.slow
@@ -134,8 +151,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
         run_protocol(load_protocol(tmp_path / "p.yaml"), only=["a3"])
     result = run_protocol(load_protocol(tmp_path / "p.yaml"))
     err = capsys.readouterr().err
-    assert f"stem from {tmp_path / 'runs' / 'b1'}; every branch upcycled" in err
-    assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; every branch upcycled" in err
+    assert f"stem from {tmp_path / 'runs' / 'b1'}; branches and gate upcycled" in err  # both at full width
+    assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; branches and gate upcycled" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("a3", "ablation"), ("c1", "check"), ("c2", "check")]

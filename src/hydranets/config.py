@@ -45,7 +45,7 @@ class HydraConfig:
     split: int | None = None
     stem_width: float = 1.0
     branch_width: float = 0.5
-    gate_width: float = 0.25
+    gate_width: float = 1.0              # full width: with init_from, the baseline's last stage (upcycled) is the shared path
     feature_dim: int | None = None
     gate_weighting: str = "sigmoid"      # sigmoid | softmax
     partition: str | None = None         # partition JSON (hydranets partition); needed when gate_loss > 0
@@ -56,7 +56,7 @@ class HydraConfig:
     balance_loss: float = 0.1            # weight of a load-balancing loss on the gate's top-k choice (0: off; paper: off)
     oracle_epochs: float = 0.0           # route by the true subtask at first, annealed to the gate over these epochs
     init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed)
-    upcycle: bool | None = None          # with init_from, branches start as the baseline's tail (None: where widths fit)
+    upcycle: bool | None = None          # with init_from, branches/gate at full width start as the baseline's tail (None: where widths fit)
 
 
 @dataclass

@@ -143,7 +143,8 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     ``branch_width``, pooled and projected to ``feature_dim`` (default: the backbone's feature width);
     the gate is a copy of those stages at ``gate_width`` with one score per branch. Widths are
     multipliers of the backbone's own (including its ``width`` setting). ``shared_path`` also feeds the
-    gate's features to the combiner (its projection starts at zero, so an upcycled network starts as its source).
+    gate's features to the combiner (its projection starts at zero, so a network with upcycled branches starts as
+    its source; ``train.init_stem_from`` makes it the identity when it upcycles the gate instead).
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)

@@ -65,6 +65,9 @@ def check_entries(proto: dict, path: str | Path) -> None:
             if epoch is not None and source and epoch not in model_config(proto, source).train.keep_epochs:
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, but {name!r} does "
                                  f"not keep that epoch; add {epoch} to its train.keep_epochs")
+        if "hydra" in entry and entry not in proto["hydranets"] + proto.get("ablations", []):
+            raise HydraError(f"protocol {path}: entry {entry['name']!r} has hydra settings but is not a HydraNet "
+                             "(baselines and checks train dense networks); move it under hydranets or ablations")
         if "family" in entry and entry not in proto.get("checks", []) + proto.get("ablations", []):
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks and ablations "
                              "take one (checks of one family are compared with the HydraNets as a curve, "
@@ -317,7 +320,7 @@ def evaluate_protocol(proto: dict) -> dict:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
               "device": str(device), "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows, "not_run": not_run}
+              "threads": torch.get_num_threads(), "test_images": len(test_set), "rows": rows, "not_run": not_run}
     hydra = [r for r in rows if r["family"] == "hydranet"]
     baseline = [r for r in rows if r["family"] == "baseline"]
     result.update(_compare(baseline, hydra))
@@ -398,6 +401,20 @@ def _recall(row: dict) -> str:
     return f"({row['subtask_recall']:.1f})" if row.get("subtask_recall") is not None else "-"
 
 
+def top1_standard_error(top1: float, n: int) -> float:
+    """One binomial standard error, in points, of a top-1 of ``top1`` % measured on ``n`` test images."""
+    p = top1 / 100
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
+def _noise_line(result: dict) -> str:
+    n, rows = result["test_images"], result["rows"]
+    mean = sum(r["top1"] for r in rows) / len(rows)
+    se = top1_standard_error(mean, n)
+    return (f"- Noise: on {n} test images one standard error of a top-1 near {mean:.0f}% is {se:.2f} points, "
+            f"so two models differ by more than chance only beyond about {2 * math.sqrt(2) * se:.1f} points")
+
+
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
     head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | busiest branch | " \
@@ -420,6 +437,8 @@ def markdown_table(result: dict) -> str:
                      "(a perfect gate); far above top-1 means routing errors cost most, near it that the branches do")
         lines.append("- Busiest branch: the share of test images (%) that run the most used branch; with B branches and "
                      "top-k, balanced routing gives 100 k/B, 100 means every image runs that branch (collapsed routing)")
+    if result.get("test_images"):
+        lines.append(_noise_line(result))
     lines += _comparison_lines(result, bss, "the baseline family")
     for group, comp in result.get("vs_check_families", {}).items():
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "check" and r.get("curve") == group)

@@ -149,13 +149,14 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
-def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> bool:
+def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> list[str]:
     """Copy a trained baseline's stages into the HydraNet's stem (same backbone and stem width).
 
-    With ``upcycle`` every branch also starts as a copy of the baseline's later stages (branch_width
-    1.0), its projection as the identity, and the classifier as the baseline's: each branch begins as
-    the trained network's tail and specialises from there. ``None`` upcycles where the widths allow.
-    Returns whether the branches were upcycled.
+    With ``upcycle`` the parts after the stem whose widths equal the baseline's also start from its
+    later stages: every branch at ``branch_width`` 1.0 (its projection the identity), the gate's trunk
+    at ``gate_width`` 1.0 (with ``shared_path``, its projection the identity and fresh branches'
+    projections zero). The classifier becomes the baseline's, so the network starts as the trained one
+    and specialises from there. ``None`` upcycles where the widths allow. Returns the parts upcycled.
     """
     ckpt = load_checkpoint(resolve_checkpoint(path))
     theirs = ckpt["model"]
@@ -166,7 +167,7 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
                          "use a baseline of the same backbone and hydra.stem_width=1.0")
     model.stem.load_state_dict({k: stages[k] for k in model.stem.state_dict()})
     if upcycle is False:
-        return False
+        return []
     split, tail = len(model.stem), len(model.branches[0]) - 4
     mapped = {}
     for key, value in theirs.items():
@@ -176,25 +177,48 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
             mapped[f"{int(index) - split}.{rest}"] = value
         elif head == "final":
             mapped[f"{tail}.{rest}"] = value
-    proj, skip = model.branches[0][-1], f"{tail + 3}."
-    problem = _misfit(model.branches[0], mapped, skip)
-    if problem is None and proj.in_features != proj.out_features:
-        problem = f"hydra.feature_dim equal to the branch width ({proj.in_features}), got {proj.out_features}"
-    if problem is None and tuple(theirs["fc.weight"].shape) != tuple(model.classifier.weight.shape):
-        problem = (f"the baseline's classifier {tuple(theirs['fc.weight'].shape)} to fit this HydraNet's "
-                   f"{tuple(model.classifier.weight.shape)}")
-    if problem is not None:
+    skip = f"{tail + 3}."
+    same_classifier = tuple(theirs["fc.weight"].shape) == tuple(model.classifier.weight.shape)
+    classifier_problem = None if same_classifier else (
+        f"the baseline's classifier {tuple(theirs['fc.weight'].shape)} to fit this HydraNet's "
+        f"{tuple(model.classifier.weight.shape)}")
+    proj = model.branches[0][-1]
+    branch_problem = _misfit(model.branches[0], mapped, skip)
+    if branch_problem is None and proj.in_features != proj.out_features:
+        branch_problem = f"hydra.feature_dim equal to the branch width ({proj.in_features}), got {proj.out_features}"
+    branch_problem = branch_problem or classifier_problem
+    shared = model.shared
+    gate_problem = _misfit(model.gate, mapped, skip)
+    if gate_problem is None and shared is not None and (shared.in_features != shared.out_features or not same_classifier):
+        gate_problem = classifier_problem or f"hydra.feature_dim equal to the gate width ({shared.in_features})"
+    if branch_problem is not None and gate_problem is not None:
         if upcycle is None:
-            return False
-        raise HydraError(f"hydra.upcycle from {path} needs {problem}; use hydra.branch_width=1.0 with a baseline of "
-                         "the same backbone, or hydra.upcycle=false")
-    for branch in model.branches:
-        branch.load_state_dict({k: mapped[k] for k in branch.state_dict() if not k.startswith(skip)}, strict=False)
-        with torch.no_grad():
-            branch[-1].weight.copy_(torch.eye(proj.in_features))
-            branch[-1].bias.zero_()
-    model.classifier.load_state_dict({"weight": theirs["fc.weight"], "bias": theirs["fc.bias"]})
-    return True
+            return []
+        raise HydraError(f"hydra.upcycle from {path} needs {branch_problem}; use hydra.branch_width=1.0 (or "
+                         "hydra.gate_width=1.0) with a baseline of the same backbone, or hydra.upcycle=false")
+    parts = []
+    with torch.no_grad():
+        if branch_problem is None:
+            for branch in model.branches:
+                branch.load_state_dict({k: mapped[k] for k in branch.state_dict() if not k.startswith(skip)},
+                                       strict=False)
+                branch[-1].weight.copy_(torch.eye(proj.in_features))
+                branch[-1].bias.zero_()
+            parts.append("branches")
+        if gate_problem is None:
+            model.gate.load_state_dict({k: mapped[k] for k in model.gate.state_dict() if not k.startswith(skip)},
+                                       strict=False)
+            parts.append("gate")
+            if shared is not None:
+                shared.weight.copy_(torch.eye(shared.in_features))
+                shared.bias.zero_()
+                if branch_problem is not None:
+                    for branch in model.branches:
+                        branch[-1].weight.zero_()
+                        branch[-1].bias.zero_()
+        if branch_problem is None or (gate_problem is None and shared is not None):
+            model.classifier.load_state_dict({"weight": theirs["fc.weight"], "bias": theirs["fc.bias"]})
+    return parts
 
 
 def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | None:
@@ -346,9 +370,10 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if hydra is not None and cfg.hydra.init_from and fresh:
         upcycled = init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
         if rt.is_main:
-            print(f"stem from {cfg.hydra.init_from}; " + ("every branch upcycled from its last stages" if upcycled else
-                  "branches start fresh" + (" (upcycling needs hydra.branch_width=1.0)"
-                                            if cfg.hydra.upcycle is None else "")), file=sys.stderr)
+            print(f"stem from {cfg.hydra.init_from}; " + (f"{' and '.join(upcycled)} upcycled from its last stages"
+                  if upcycled else "branches and gate start fresh" + (
+                      " (upcycling needs hydra.branch_width=1.0 or hydra.gate_width=1.0)"
+                      if cfg.hydra.upcycle is None else "")), file=sys.stderr)
     teacher = None
     if cfg.distill.teacher and cfg.distill.weight > 0:
         teacher, _ = load_trained(cfg.distill.teacher, rt.device)
