@@ -196,29 +196,35 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
             return []
         raise HydraError(f"hydra.upcycle from {path} needs {branch_problem}; use hydra.branch_width=1.0 (or "
                          "hydra.gate_width=1.0) with a baseline of the same backbone, or hydra.upcycle=false")
-    parts = []
+    parts, feeds_classifier = [], False
     with torch.no_grad():
         if branch_problem is None:
             for branch in model.branches:
-                branch.load_state_dict({k: mapped[k] for k in branch.state_dict() if not k.startswith(skip)},
-                                       strict=False)
-                branch[-1].weight.copy_(torch.eye(proj.in_features))
-                branch[-1].bias.zero_()
-            parts.append("branches")
+                _load_tail(branch, mapped, skip)
+                _set_linear(branch[-1], torch.eye(proj.in_features))
+            parts, feeds_classifier = ["branches"], True
         if gate_problem is None:
-            model.gate.load_state_dict({k: mapped[k] for k in model.gate.state_dict() if not k.startswith(skip)},
-                                       strict=False)
+            _load_tail(model.gate, mapped, skip)
             parts.append("gate")
             if shared is not None:
-                shared.weight.copy_(torch.eye(shared.in_features))
-                shared.bias.zero_()
-                if branch_problem is not None:
+                _set_linear(shared, torch.eye(shared.in_features))
+                feeds_classifier = True
+                if branch_problem is not None:  # fresh branches add nothing yet: the network starts as its source
                     for branch in model.branches:
-                        branch[-1].weight.zero_()
-                        branch[-1].bias.zero_()
-        if branch_problem is None or (gate_problem is None and shared is not None):
+                        _set_linear(branch[-1], torch.zeros_like(branch[-1].weight))
+        if feeds_classifier:
             model.classifier.load_state_dict({"weight": theirs["fc.weight"], "bias": theirs["fc.bias"]})
     return parts
+
+
+def _load_tail(module: nn.Module, mapped: dict, skip: str) -> None:
+    """Load the baseline's later stages (``mapped``) into a branch or the gate, all but its head."""
+    module.load_state_dict({k: mapped[k] for k in module.state_dict() if not k.startswith(skip)}, strict=False)
+
+
+def _set_linear(layer: nn.Linear, weight: torch.Tensor) -> None:
+    layer.weight.copy_(weight)
+    layer.bias.zero_()
 
 
 def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | None:
