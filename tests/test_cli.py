@@ -234,5 +234,8 @@ def test_bench_pareto_bad_input_is_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "bench", "pareto", "--config", str(protocol), "--only", "hydra-r99")
     assert code == 2
     one_error_line(err, "--only 'hydra-r99' is not an entry of protocol tin100-cpu-short")
+    code, _, err = run(capsys, "bench", "pareto", "--config", str(protocol), "--only", "train.threads=1")
+    assert code == 2
+    one_error_line(err, "--only needs at least one entry name of the protocol (key=value words are overrides)")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "pareto", "--config", "x", "--eval-only", "--train-only"])

@@ -165,6 +165,20 @@ def test_dispatch_mixes_full_and_partial_branches(hydra):
         torch.testing.assert_close(out, hydra.classifier(hydra.norm(combined)), rtol=1e-4, atol=1e-5)
 
 
+def test_one_image_is_routed_like_a_row_of_a_batch(hydra):
+    """Batch 1 takes a shortcut in the dispatch (no grouping): same result as the image inside a batch."""
+    x = torch.randn(4, 3, 32, 32)
+    route = torch.tensor([[2, 0], [0, 1], [3, 2], [1, 3]])
+    with torch.no_grad():
+        batched = hydra.eval()(x, route=route)
+        for i in range(4):
+            torch.testing.assert_close(hydra(x[i:i + 1], route=route[i:i + 1]), batched[i:i + 1], rtol=1e-4, atol=1e-5)
+        single = hydra(x[:1], return_gate=True)  # its own top-k, as inference picks it
+        assert single.route.shape == (1, hydra.topk)
+        torch.testing.assert_close(single.logits, hydra(x, route=torch.cat([single.route, route[1:, :hydra.topk]]))[:1],
+                                   rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- upcycling from a trained baseline
 def _baseline_checkpoint(tmp_path, depth: int = 8, width: float = 0.5, num_classes: int = 6):
     from hydranets.checkpoint import atomic_save

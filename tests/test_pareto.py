@@ -96,6 +96,18 @@ def test_protocol_with_a_bad_start_is_refused(tmp_path, source, keep, words):
         load_protocol(tmp_path / "p.yaml")
 
 
+def test_partition_from_an_epoch_the_baseline_does_not_keep_is_refused(tmp_path):
+    proto = {"protocol": "x", "base": {}, "partition_from": "b@3", "hydranets": [],
+             "baselines": [{"name": "b", "train": {"epochs": 4, "keep_epochs": [2]}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    with pytest.raises(HydraError, match=re.escape("partition_from 'b@3', but 'b' does not keep that epoch; "
+                                                   "add 3 to its train.keep_epochs")):
+        load_protocol(tmp_path / "p.yaml")
+    proto["baselines"][0]["train"]["keep_epochs"] = [3]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    assert load_protocol(tmp_path / "p.yaml")["partition_from"] == "b@3"
+
+
 def test_protocol_with_unknown_key_is_refused(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "baselines": [],
                                                      "hydranets": [], "partition_from": "a", "extra": 1}))
@@ -215,3 +227,26 @@ def test_smoke_run_of_a_gpu_protocol(tmp_path, monkeypatch):
     assert set(rows) == {e["name"] for e in proto["baselines"] + proto["hydranets"] + proto["ablations"]}
     assert (rows["resnet20"]["epochs"], rows["hydra-r20-b8k1"]["epochs"], rows["hydra-r20-b8k1"]["total_epochs"]) == (2, 1, 2)
     assert result["macs"]["baseline_best_top1"] == max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
+
+
+@pytest.mark.slow
+def test_subtasks_from_a_kept_epoch(tmp_path, monkeypatch, capsys):
+    """partition_from NAME@N: the subtasks come from the baseline's checkpoint after epoch N, so a HydraNet can
+    start half-way through the baseline's schedule (tin100-cpu-long, in miniature)."""
+    from hydranets.cli import main
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "configs" / "bench" / "tin100-cpu-long.yaml"
+    proto = load_protocol(path)
+    assert proto["partition_from"] == "resnet20-60ep@30"
+    argv = ["bench", "pareto", "--config", str(path), "--smoke", "data={name: synthetic, root: null, download: false, "
+            "classes: 16}", "train.threads=1", "model.kwargs={width: 0.5}"]
+    with pytest.raises(SystemExit) as exit_:  # the HydraNet's subtasks need the baseline's epoch 1, not trained yet
+        main(argv + ["--only", "hydra-r20-b8k1-60ep"])
+    assert exit_.value.code == 2 and "has not reached epoch 1 yet" in capsys.readouterr().err
+    main(argv + ["--only", "resnet20-60ep", "train.seed=3"])  # an override after --only is an override
+    runs = tmp_path / f"{proto['out']}-smoke"
+    assert "seed: 3" in (runs / "resnet20-60ep" / "config.yaml").read_text()
+    (runs / "resnet20-60ep" / "summary.json").unlink()  # not finished: the subtasks must not need it
+    main(argv + ["--only", "hydra-r20-b8k1-60ep"])
+    meta = json.loads((runs / "partition_kmeans_b8.json").read_text())["meta"]
+    assert meta["baseline"] == str(Path(proto["out"] + "-smoke") / "resnet20-60ep" / "checkpoints" / "epoch1.pt")

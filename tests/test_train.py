@@ -23,8 +23,8 @@ from hydranets.data.synthetic import synthetic_splits
 from hydranets.train import CHECKPOINT, lr_at, read_metrics, train
 from helpers import one_error_line, snapshot
 
-# Small and deterministic. channels_last is off: PyTorch 2.13's CPU backward of a channels_last 1x1 stride-2
-# convolution from 4 to 8 channels (the first stage change of resnet_cifar at width 0.25) corrupts the heap.
+# Small and deterministic. channels_last is off, as training turns it off for such models on the CPU
+# (test_channels_last_off_where_the_cpu_backward_crashes).
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.25}",
         "data.augment=none", "optim.lr=0.05", "train.batch_size=16", "train.precision=fp32", "train.threads=1",
         "train.device=cpu", "train.progress=false", "train.channels_last=false"]
@@ -74,6 +74,26 @@ def top1_by_hand(model: torch.nn.Module, num_classes: int = 10) -> float:
     with torch.no_grad():
         pred = model.eval()(x).argmax(1)
     return 100.0 * (pred == test.labels).float().mean().item()
+
+
+def test_channels_last_off_where_the_cpu_backward_crashes(tmp_path):
+    """PyTorch 2.13's CPU backward of a channels_last 1x1 stride-2 convolution with fewer than 8 input channels
+    (resnet_cifar's first downsampling shortcut below half width) segfaults on one thread: training turns
+    channels_last off for such a model, says so, and records it in the run's config."""
+    narrow, half = (create_model("resnet_cifar", num_classes=10, depth=8, width=w) for w in (0.25, 0.5))
+    assert train_mod.channels_last_hazard(narrow) == "stages.2.0.shortcut.0"
+    assert narrow.get_submodule("stages.2.0.shortcut.0").in_channels == 4
+    assert train_mod.channels_last_hazard(half) is None
+    base = [a for a in BASE if not a.startswith("train.channels_last")]
+    r = cli(*base, f"out={tmp_path / 'run'}", "train.epochs=1", "data.train_subset=64", "data.test_subset=32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: train.channels_last=false for this model on the CPU" in r.stderr
+    assert "'stages.2.0.shortcut.0'" in r.stderr
+    assert "channels_last: false" in (tmp_path / "run" / "config.yaml").read_text()
+    r = cli(*base, f"out={tmp_path / 'half'}", "model.kwargs={depth: 8, width: 0.5}", "train.epochs=1",
+            "data.train_subset=64", "data.test_subset=32")
+    assert r.returncode == 0 and "channels_last=false" not in r.stderr
+    assert "channels_last: true" in (tmp_path / "half" / "config.yaml").read_text()
 
 
 # ---------------------------------------------------------------- a baseline

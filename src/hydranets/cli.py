@@ -99,6 +99,11 @@ def cmd_models(args) -> None:
 
 def cmd_bench_pareto(args) -> None:
     from .pareto import evaluate_protocol, load_protocol, protocol_dir, run_protocol, smoke_protocol, write_results
+    if args.only:  # `--only A B key=value`: entry names never hold '=', so those words are overrides
+        args.overrides += [w for w in args.only if "=" in w]
+        args.only = [w for w in args.only if "=" not in w]
+        if not args.only:
+            raise HydraError("--only needs at least one entry name of the protocol (key=value words are overrides)")
     proto = load_protocol(args.config, args.overrides)
     if args.smoke:
         proto = smoke_protocol(proto)

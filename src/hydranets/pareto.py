@@ -53,6 +53,11 @@ def check_entries(proto: dict, path: str | Path) -> None:
     """Every entry's config is valid, and every run it starts from is an entry (keeping that epoch) or exists."""
     entries = all_entries(proto)
     by_name = {e.get("name"): e for e in entries}
+    src_name, src_epoch = split_source(str(proto["partition_from"]))
+    if src_epoch is not None and src_name in by_name \
+            and src_epoch not in model_config(proto, by_name[src_name]).train.keep_epochs:
+        raise HydraError(f"protocol {path}: partition_from {proto['partition_from']!r}, but {src_name!r} does not keep "
+                         f"that epoch; add {src_epoch} to its train.keep_epochs")
     for entry in entries:
         cfg = model_config(proto, entry)  # check every entry before training anything
         ref = cfg.hydra.init_from if "hydra" in entry else None
@@ -115,6 +120,9 @@ def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512
             entry["hydra"] = {**entry["hydra"], "init_from": f"{name}@{at(epoch)}"}
         if "hydra" in entry and cfg.hydra.oracle_epochs:
             entry["hydra"]["oracle_epochs"] = cfg.hydra.oracle_epochs * 2 / longest
+    name, epoch = split_source(str(p["partition_from"]))
+    if epoch is not None:
+        p["partition_from"] = f"{name}@{at(epoch)}"
     p["base"] = _merge(p["base"], {"data": {"train_subset": train_images, "test_subset": test_images}})
     p["protocol"], p["out"] = f"{p['protocol']}-smoke", f"{protocol_dir(p)}-smoke"
     p["speed_repeats"] = 1
@@ -205,7 +213,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     for entry in filter(wanted, proto["baselines"]):
         say(f"baseline {entry['name']}")
         train(model_config(proto, entry), resume=True)
-    src = next((e for e in proto["baselines"] if e["name"] == proto["partition_from"]), None)
+    src_name, src_epoch = split_source(proto["partition_from"])
+    src = next((e for e in proto["baselines"] if e["name"] == src_name), None)
     if src is None:
         raise HydraError(f"partition_from {proto['partition_from']!r} is not a baseline of the protocol")
     src_cfg = model_config(proto, src)
@@ -213,11 +222,17 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     def partition_file(method: str, b: int) -> Path:
         path = partition_path(proto, method, b)
         if not path.exists():
-            _finished(src_cfg, "partition_from baseline")
-            say(f"subtasks {method}_b{b} from {src['name']}")
+            if src_epoch is None:
+                source = _finished(src_cfg, "partition_from baseline")
+            else:
+                source = Path(src_cfg.out) / kept_checkpoint(src_epoch)
+                if not source.exists():
+                    raise HydraError(f"partition_from {src_cfg.out} has not reached epoch {src_epoch} yet; train it "
+                                     f"first (run without --only, or with --only {src_name})")
+            say(f"subtasks {method}_b{b} from {proto['partition_from']}")
             cfg = copy.deepcopy(src_cfg)
             cfg.partition.method = method
-            compute_partition(cfg, src_cfg.out, path, b)
+            compute_partition(cfg, source, path, b)
         return path
 
     by_name = {e["name"]: e for e in entries}

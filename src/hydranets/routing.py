@@ -17,10 +17,16 @@ def dispatch(x: torch.Tensor, branches: Sequence[nn.Module], route: torch.Tensor
     """Sum of ``weight * branch(x)`` over each image's routed branches, running each branch once.
 
     Images are grouped by branch (an index gather that keeps channels_last), each branch runs on its group only, and the outputs
-    are scattered back (index_add). A branch with no images does not run. ``route`` and ``weight``
+    are scattered back (index_add); a single image skips the grouping. A branch with no images does not run. ``route`` and ``weight``
     are (N, k); the result is (N, out_features).
     """
     n, k = route.shape
+    if n == 1:  # one image (batch-1 inference): call its branches directly, in branch order as below
+        out = None
+        for j, b in sorted(enumerate(route[0].tolist()), key=lambda jb: jb[1]):
+            y = branches[b](x) * weight[:, j, None].to(x.dtype)
+            out = y if out is None else out + y
+        return out
     flat_branch = route.reshape(-1)
     flat_image = torch.arange(n, device=x.device).repeat_interleave(k)
     flat_weight = weight.reshape(-1)

@@ -236,6 +236,19 @@ def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | N
     return None
 
 
+def channels_last_hazard(model: nn.Module) -> str | None:
+    """The name of a convolution whose channels_last backward pass crashes PyTorch on the CPU, or None.
+
+    Seen with torch 2.13 on AVX2 CPUs: a 1x1 convolution with stride 2 and fewer than 8 input channels
+    (e.g. the downsampling shortcut of a CIFAR ResNet below half width) segfaults on one thread and hangs on
+    three; the contiguous layout runs it fine.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8:
+            return name
+    return None
+
+
 def kept_checkpoint(epoch: int) -> str:
     """Where a run keeps its checkpoint after ``epoch`` (``train.keep_epochs``), relative to its folder."""
     return f"checkpoints/epoch{epoch}.pt"
@@ -380,6 +393,12 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
                   if upcycled else "branches and gate start fresh" + (
                       " (upcycling needs hydra.branch_width=1.0 or hydra.gate_width=1.0)"
                       if cfg.hydra.upcycle is None else "")), file=sys.stderr)
+    if t.channels_last and rt.device.type == "cpu" and (conv := channels_last_hazard(model)):
+        t.channels_last = loader.channels_last = test_loader.channels_last = False
+        if rt.is_main:
+            print(f"note: train.channels_last=false for this model on the CPU: the backward pass of its 1x1 strided "
+                  f"convolution {conv!r} with fewer than 8 input channels crashes PyTorch's channels_last CPU "
+                  f"kernels (torch {torch.__version__})", file=sys.stderr)
     teacher = None
     if cfg.distill.teacher and cfg.distill.weight > 0:
         teacher, _ = load_trained(cfg.distill.teacher, rt.device)
