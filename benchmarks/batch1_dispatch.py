@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -72,8 +71,7 @@ def main() -> None:
         for x in torch.randn(8, 1, 3, 32, 32):
             torch.testing.assert_close(old(x), hydra(x))
     speed = compare_speed(candidates, (3, 32, 32), 1, repeats=args.repeats)
-    print(f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} rounds (medians)",
-          file=sys.stderr)
+    print(f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} rounds (medians)")
     for name, s in speed.items():
         print(f"{name:<45}{s['latency_ms']:>8.3f} ms{s['images_per_s']:>9.0f} img/s")
 
