@@ -53,11 +53,14 @@ def check_entries(proto: dict, path: str | Path) -> None:
     """Every entry's config is valid, and every run it starts from is an entry (keeping that epoch) or exists."""
     entries = all_entries(proto)
     by_name = {e.get("name"): e for e in entries}
-    src_name, src_epoch = split_source(str(proto["partition_from"]))
-    if src_epoch is not None and src_name in by_name \
-            and src_epoch not in model_config(proto, by_name[src_name]).train.keep_epochs:
-        raise HydraError(f"protocol {path}: partition_from {proto['partition_from']!r}, but {src_name!r} does not keep "
-                         f"that epoch; add {src_epoch} to its train.keep_epochs")
+
+    def check_kept(ref: str, who: str) -> None:
+        name, epoch = split_source(ref)
+        if epoch is not None and name in by_name and epoch not in model_config(proto, by_name[name]).train.keep_epochs:
+            raise HydraError(f"protocol {path}: {who} {ref!r}, but {name!r} does not keep that epoch; add {epoch} to "
+                             "its train.keep_epochs")
+
+    check_kept(str(proto["partition_from"]), "partition_from")
     for entry in entries:
         cfg = model_config(proto, entry)  # check every entry before training anything
         ref = cfg.hydra.init_from if "hydra" in entry else None
@@ -66,10 +69,7 @@ def check_entries(proto: dict, path: str | Path) -> None:
             if name not in by_name and not Path(ref).exists():
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, which is neither an "
                                  "entry of the protocol nor an existing run folder or checkpoint")
-            source = by_name.get(name)
-            if epoch is not None and source and epoch not in model_config(proto, source).train.keep_epochs:
-                raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, but {name!r} does "
-                                 f"not keep that epoch; add {epoch} to its train.keep_epochs")
+            check_kept(ref, f"entry {entry['name']!r} starts from")
         if "hydra" in entry and entry not in proto["hydranets"] + proto.get("ablations", []):
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has hydra settings but is not a HydraNet "
                              "(baselines and checks train dense networks); move it under hydranets or ablations")
@@ -197,6 +197,15 @@ def _finished(cfg: Config, role: str) -> str:
     return cfg.out
 
 
+def _kept(cfg: Config, name: str, epoch: int, role: str) -> str:
+    """The checkpoint that entry ``name`` kept after ``epoch``; an error if it has not got there yet."""
+    path = Path(cfg.out) / kept_checkpoint(epoch)
+    if not path.exists():
+        raise HydraError(f"{role} {cfg.out} has not reached epoch {epoch} yet; train it first "
+                         f"(run without --only, or with --only {name})")
+    return str(path)
+
+
 def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None = None) -> dict | None:
     """Train what is missing (resuming), then evaluate all models and write the results.
 
@@ -222,13 +231,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     def partition_file(method: str, b: int) -> Path:
         path = partition_path(proto, method, b)
         if not path.exists():
-            if src_epoch is None:
-                source = _finished(src_cfg, "partition_from baseline")
-            else:
-                source = Path(src_cfg.out) / kept_checkpoint(src_epoch)
-                if not source.exists():
-                    raise HydraError(f"partition_from {src_cfg.out} has not reached epoch {src_epoch} yet; train it "
-                                     f"first (run without --only, or with --only {src_name})")
+            source = _finished(src_cfg, "partition_from baseline") if src_epoch is None else \
+                _kept(src_cfg, src_name, src_epoch, "partition_from")
             say(f"subtasks {method}_b{b} from {proto['partition_from']}")
             cfg = copy.deepcopy(src_cfg)
             cfg.partition.method = method
@@ -255,13 +259,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         elif cfg.hydra.init_from and split_source(cfg.hydra.init_from)[0] in by_name:  # finished, or at a kept epoch
             name, epoch = split_source(cfg.hydra.init_from)
             source = model_config(proto, by_name[name])
-            if epoch is None:
-                cfg.hydra.init_from = _finished(source, "init_from")
-            elif not (Path(source.out) / kept_checkpoint(epoch)).exists():
-                raise HydraError(f"init_from {source.out} has not reached epoch {epoch} yet; train it first "
-                                 f"(run without --only, or with --only {name})")
-            else:
-                cfg.hydra.init_from = str(Path(source.out) / kept_checkpoint(epoch))
+            cfg.hydra.init_from = _finished(source, "init_from") if epoch is None else \
+                _kept(source, name, epoch, "init_from")
         if cfg.distill.teacher == "baseline":
             cfg.distill.teacher = _finished(src_cfg, "distill.teacher baseline")
         say(f"hydranet {entry['name']}")
