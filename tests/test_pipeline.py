@@ -314,3 +314,45 @@ def test_folder_of_another_config_is_refused(finished, tmp_path, capsys, overrid
     line = one_error_line(err)
     assert key in line and "another out=" in line
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- forking the HydraNet off the baseline mid-schedule
+def test_fork_epoch_splits_one_schedule_between_baseline_and_hydranet():
+    from hydranets.config import Config
+    from hydranets.pipeline import stage_configs
+    cfg = Config(out="runs/x")
+    cfg.train.epochs, cfg.train.keep_epochs, cfg.pipeline.fork_epoch = 20, [10], 5
+    base, hyd = stage_configs(cfg)
+    assert base.train.epochs == 20 and base.train.keep_epochs == [5, 10]
+    assert hyd.hydra.init_from == str(Path("runs/x/baseline/checkpoints/epoch5.pt"))
+    assert (hyd.train.epochs, hyd.optim.schedule_epochs, hyd.optim.schedule_start) == (15, 20, 5)
+    assert cfg.train.keep_epochs == [10]  # the user's config is not changed
+
+
+@pytest.mark.slow
+def test_pipeline_fork_epoch_continues_the_baselines_schedule(tmp_path, capsys, monkeypatch):
+    real, calls = train_mod.init_stem_from, []
+    monkeypatch.setattr(train_mod, "init_stem_from", lambda model, path, *rest: calls.append(path) or
+                        real(model, path, *rest))
+    out = tmp_path / "run"
+    code, _, err = pipeline(capsys, out, "pipeline.hydra_epochs=null", "pipeline.fork_epoch=1")
+    assert code == 0, err
+    kept = out / "baseline" / "checkpoints" / "epoch1.pt"
+    assert calls == [str(kept)] and kept.exists()
+    base, hyd = read_metrics(out / "baseline"), read_metrics(out / "hydranet")
+    assert len(base) == 3 and len(hyd) == 2
+    # one learning-rate schedule: the HydraNet's two epochs end where the baseline's last two ended
+    assert [r["lr"] for r in hyd] == pytest.approx([r["lr"] for r in base[1:]])
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["pipeline.hydra_epochs=null", "pipeline.fork_epoch=3"], ["pipeline.fork_epoch=3", "train.epochs-1=2"]),
+    (["pipeline.fork_epoch=1"], ["pipeline.fork_epoch", "pipeline.hydra_epochs"]),
+])
+def test_bad_fork_epoch_is_refused_before_training(tmp_path, capsys, monkeypatch, extra, words):
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
+    out = tmp_path / "run"
+    code, _, err = pipeline(capsys, out, *extra)
+    assert code == 2
+    one_error_line(err, *words)
+    assert not out.exists()

@@ -110,6 +110,7 @@ class PartitionConfig:
 class PipelineConfig:
     hydra_epochs: int | None = None      # epochs for the HydraNet (default: train.epochs)
     init_stem: bool = True               # start the HydraNet's stem from the trained baseline
+    fork_epoch: int | None = None        # start the HydraNet from the baseline after this epoch, for the rest of its schedule
     distill: float = 0.0                 # weight of distillation from the baseline (0: off)
     speed_batch: int = 256               # batch size for the measured images/s
     speed_repeats: int = 5

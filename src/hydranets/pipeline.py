@@ -19,7 +19,7 @@ from .errors import HydraError
 from .evaluate import evaluate, resolve_precision
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
-from .train import load_data, load_trained, train
+from .train import kept_checkpoint, load_data, load_trained, train
 
 # Settings that may change between a pipeline run and its resumption.
 _FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats")}
@@ -35,6 +35,12 @@ def stage_configs(cfg: Config) -> tuple[Config, Config]:
     hyd.train.epochs = cfg.pipeline.hydra_epochs or cfg.train.epochs
     if cfg.pipeline.init_stem:
         hyd.hydra.init_from = str(out / "baseline")
+    fork = cfg.pipeline.fork_epoch
+    if fork is not None:  # the HydraNet takes over the baseline's schedule mid-way: both train train.epochs in all
+        base.train.keep_epochs = sorted({*base.train.keep_epochs, fork})
+        hyd.hydra.init_from = str(out / "baseline" / kept_checkpoint(fork))
+        hyd.train.epochs = cfg.train.epochs - fork
+        hyd.optim.schedule_epochs, hyd.optim.schedule_start = cfg.optim.schedule_epochs or cfg.train.epochs, fork
     if cfg.pipeline.distill > 0:
         hyd.distill.teacher, hyd.distill.weight = str(out / "baseline"), cfg.pipeline.distill
     return base, hyd
@@ -59,7 +65,14 @@ def check_pipeline_dir(cfg: Config) -> None:
 
 
 def check_pipeline_args(cfg: Config) -> None:
-    """Settings that cannot work with this data set, caught before the baseline is trained."""
+    """Settings that cannot work (with this data set), caught before the baseline is trained."""
+    fork, p = cfg.pipeline.fork_epoch, cfg.pipeline
+    if fork is not None and not 1 <= fork < cfg.train.epochs:
+        raise HydraError(f"pipeline.fork_epoch={fork} must be from 1 to train.epochs-1={cfg.train.epochs - 1}; "
+                         "or null to start the HydraNet from the finished baseline")
+    if fork is not None and (p.hydra_epochs is not None or not p.init_stem or cfg.optim.schedule_start):
+        raise HydraError("pipeline.fork_epoch sets the HydraNet's epochs, start and schedule itself; "
+                         "leave pipeline.hydra_epochs and optim.schedule_start unset and pipeline.init_stem true")
     train_set, _ = load_data(cfg)
     n, h = len(train_set.classes), cfg.hydra
     if not 1 <= h.num_branches <= n:
