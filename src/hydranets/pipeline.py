@@ -65,8 +65,9 @@ def check_pipeline_dir(cfg: Config) -> None:
 
 
 def check_pipeline_args(cfg: Config) -> None:
-    """Settings that cannot work (with this data set), caught before the baseline is trained."""
-    fork, p = cfg.pipeline.fork_epoch, cfg.pipeline
+    """Settings that cannot work, alone or with this data set, caught before the baseline is trained."""
+    p = cfg.pipeline
+    fork = p.fork_epoch
     if fork is not None and not 1 <= fork < cfg.train.epochs:
         raise HydraError(f"pipeline.fork_epoch={fork} must be from 1 to train.epochs-1={cfg.train.epochs - 1}; "
                          "or null to start the HydraNet from the finished baseline")
