@@ -129,6 +129,25 @@ def test_protocol_with_unknown_key_is_refused(tmp_path):
         load_protocol(tmp_path / "s.yaml")  # it would train a dense network without a word
 
 
+def test_repeats_take_their_members_settings(tmp_path):
+    member = {"name": "h", "model": {"name": "resnet20"}, "train": {"epochs": 3, "seed": 0},
+              "hydra": {"num_branches": 4, "topk": 1, "branch_width": 0.5}}
+    proto = {"protocol": "x", "base": {}, "partition_from": "b", "baselines": [{"name": "b"}], "hydranets": [member],
+             "checks": [{"name": "c"}],
+             "repeats": [{"name": "h-s1", "repeat_of": "h", "train": {"seed": 1}, "hydra": {"topk": 2}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    loaded = load_protocol(tmp_path / "p.yaml")
+    cfg, rep = model_config(loaded, loaded["hydranets"][0]), model_config(loaded, loaded["repeats"][0])
+    assert (rep.train.seed, rep.train.epochs, rep.hydra.topk, rep.hydra.num_branches) == (1, 3, 2, 4)
+    assert (cfg.train.seed, cfg.hydra.topk) == (0, 1) and rep.out.endswith("h-s1")
+    assert [e["name"] for e in all_entries(loaded)][-1] == "h-s1"
+    for bad in ("c", "nope"):  # only family members have repeats
+        proto["repeats"][0]["repeat_of"] = bad
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+        with pytest.raises(HydraError, match=f"repeat 'h-s1' has repeat_of '{bad}', which is not a baseline or "):
+            load_protocol(tmp_path / "p.yaml")
+
+
 @pytest.mark.slow
 def test_small_protocol_end_to_end(tmp_path, capsys):
     tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
@@ -150,6 +169,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
         "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2, "keep_epochs": [1]}, "family": "long"},
                    {"name": "c2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}},
                     "train": {"epochs": 2}, "family": "long"}],
+        "repeats": [{"name": "b1-s1", "repeat_of": "b1", "train": {"seed": 1}},
+                    {"name": "h1-s1", "repeat_of": "h1", "train": {"seed": 1}}],
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     with pytest.raises(HydraError, match="--only 'h9' is not an entry"):
@@ -167,7 +188,18 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; branches and gate upcycled" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
-        ("a3", "ablation"), ("c1", "check"), ("c2", "check")]
+        ("a3", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat")]
+    rep_cfg = yaml.safe_load((tmp_path / "runs" / "h1-s1" / "config.yaml").read_text())
+    h1_cfg = yaml.safe_load((tmp_path / "runs" / "h1" / "config.yaml").read_text())
+    assert rep_cfg["train"]["seed"] == 1 and h1_cfg["train"]["seed"] != 1
+    assert rep_cfg["hydra"] == h1_cfg["hydra"] and rep_cfg["model"] == h1_cfg["model"]  # the member's settings
+    top1 = {r["name"]: r["top1"] for r in result["rows"]}
+    means = {m["name"]: m for m in result["seed_means"]["members"]}
+    assert means["h1"]["top1_runs"] == [top1["h1"], top1["h1-s1"]]
+    assert means["h1"]["top1"] == pytest.approx((top1["h1"] + top1["h1-s1"]) / 2)
+    assert means["b2"]["top1_runs"] == [top1["b2"]] and means["b2"]["top1_sd"] is None
+    mean_pts = lambda fam: [(m["macs"], m["top1"]) for m in means.values() if m["family"] == fam]  # noqa: E731
+    assert result["seed_means"]["macs"] == compare_families(mean_pts("baseline"), mean_pts("hydranet"))
     assert next(r for r in result["rows"] if r["name"] == "c1")["epochs"] == 2
     total = {r["name"]: r["total_epochs"] for r in result["rows"]}  # own epochs + those of the run it started from
     assert (total["b1"], total["h1"], total["h2"], total["a3"]) == (1, 2, 1, 2)
@@ -205,6 +237,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
     assert "The ablation family alt (a1, a3) instead of the HydraNets, against the baselines:" in md.read_text()
     assert "| a1 | ablation (alt) |" in md.read_text() and "| c1 | check (long) |" in md.read_text()
+    assert "| h1-s1 | repeat of h1 |" in md.read_text()
+    assert f"Repeats: top-1 of each run, first the member's own: b1 {top1['b1']:.2f} / {top1['b1-s1']:.2f}" in md.read_text()
+    assert "- On the means over repeats (a member without repeats counts with its one run):" in md.read_text()
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
     run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
     assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime

@@ -356,3 +356,16 @@ def test_bad_fork_epoch_is_refused_before_training(tmp_path, capsys, monkeypatch
     assert code == 2
     one_error_line(err, *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["pipeline-cifar100", "pipeline-tiny-imagenet-32"])
+def test_shipped_pipeline_configs_fork_the_upcycled_hydranet_early(name):
+    """The full-size pipelines use the best measured design: upcycled full-width branches forked off the baseline
+    after a tenth of its schedule, trained the rest of it."""
+    from hydranets.config import load_config
+    from hydranets.pipeline import stage_configs
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    base, hyd = stage_configs(cfg)
+    assert base.train.keep_epochs == [10] and hyd.hydra.init_from.endswith(str(Path("baseline/checkpoints/epoch10.pt")))
+    assert (hyd.train.epochs, hyd.optim.schedule_start, hyd.optim.schedule_epochs) == (90, 10, 100)
+    assert (hyd.hydra.branch_width, hyd.hydra.gate_width, hyd.hydra.shared_path) == (1.0, 1.0, True)

@@ -1,10 +1,11 @@
 """The paper's claim as a benchmark: a baseline family against a HydraNet family, trained alike.
 
 A protocol (YAML) names shared settings, the baseline family, the baseline the subtasks come from,
-the HydraNet family and ablations. Every model is its own resumable run folder; evaluation runs all
-models on one test set in one process, and the comparison is reported as the iso-accuracy saving
-(baseline MACs / HydraNet MACs at the same top-1) and the equal-cost accuracy gain, in counted
-multiply-adds and in measured time.
+the HydraNet family, ablations, checks and repeats (members trained again, e.g. with another seed).
+Every model is its own resumable run folder; evaluation runs all models on one test set in one
+process, and the comparison is reported as the iso-accuracy saving (baseline MACs / HydraNet MACs at
+the same top-1) and the equal-cost accuracy gain, in counted multiply-adds and in measured time;
+with repeats, also on each member's mean over its runs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .pipeline import _device, compute_partition
 from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
 
 PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
-                 "checks", "speed_batches", "speed_repeats"}
+                 "checks", "repeats", "speed_batches", "speed_repeats"}
 
 
 def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -45,8 +46,32 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
         if key not in proto:
             raise HydraError(f"protocol {path} lacks {key!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
+    expand_repeats(proto, path)
     check_entries(proto, path)
     return proto
+
+
+def expand_repeats(proto: dict, path: str | Path) -> None:
+    """Each ``repeats`` entry becomes a whole entry: the family member it names in ``repeat_of``, with the
+    repeat's own settings (typically ``train.seed``) over it, so a repeat cannot drift from its member."""
+    members = {e.get("name"): e for e in proto["baselines"] + proto["hydranets"]}
+    expanded = []
+    for rep in proto.get("repeats", []):
+        target = members.get(rep.get("repeat_of"))
+        if target is None:
+            raise HydraError(f"protocol {path}: repeat {rep.get('name')!r} has repeat_of {rep.get('repeat_of')!r}, "
+                             "which is not a baseline or HydraNet of the protocol; name one of those")
+        entry = _merge(copy.deepcopy({k: v for k, v in target.items() if k != "name"}),
+                       copy.deepcopy({k: v for k, v in rep.items() if k != "repeat_of"}))
+        entry["repeat_of"] = target["name"]
+        expanded.append(entry)
+    proto["repeats"] = expanded
+
+
+def repeats_of(proto: dict, family: str) -> list[dict]:
+    """The (expanded) repeats of the ``"baseline"`` or ``"hydranet"`` family's members."""
+    names = {e["name"] for e in proto["baselines" if family == "baseline" else "hydranets"]}
+    return [e for e in proto.get("repeats", []) if e["repeat_of"] in names]
 
 
 def check_entries(proto: dict, path: str | Path) -> None:
@@ -70,7 +95,8 @@ def check_entries(proto: dict, path: str | Path) -> None:
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, which is neither an "
                                  "entry of the protocol nor an existing run folder or checkpoint")
             check_kept(ref, f"entry {entry['name']!r} starts from")
-        if "hydra" in entry and entry not in proto["hydranets"] + proto.get("ablations", []):
+        if "hydra" in entry and entry not in (proto["hydranets"] + proto.get("ablations", [])
+                                              + repeats_of(proto, "hydranet")):
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has hydra settings but is not a HydraNet "
                              "(baselines and checks train dense networks); move it under hydranets or ablations")
         if "family" in entry and entry not in proto.get("checks", []) + proto.get("ablations", []):
@@ -80,8 +106,9 @@ def check_entries(proto: dict, path: str | Path) -> None:
 
 
 def all_entries(proto: dict) -> list[dict]:
-    """Every entry of a protocol: baselines, HydraNets, ablations, checks."""
-    return proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+    """Every entry of a protocol: baselines, HydraNets, ablations, checks, repeats."""
+    return (proto["baselines"] + proto["hydranets"] + proto.get("ablations", []) + proto.get("checks", [])
+            + proto.get("repeats", []))
 
 
 def split_source(ref: str) -> tuple[str, int | None]:
@@ -143,7 +170,8 @@ def model_config(proto: dict, entry: dict) -> Config:
     """The training config of one family member: the shared base, then the entry's own settings."""
     if "name" not in entry:
         raise HydraError(f"protocol entry {entry} lacks a 'name'")
-    data = _merge(copy.deepcopy(proto["base"]), {k: v for k, v in entry.items() if k not in ("name", "family")})
+    own = {k: v for k, v in entry.items() if k not in ("name", "family", "repeat_of")}
+    data = _merge(copy.deepcopy(proto["base"]), own)
     data["out"] = str(protocol_dir(proto) / entry["name"])
     return config_from_dict(data)
 
@@ -219,7 +247,7 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     if unknown:
         raise HydraError(f"--only {unknown[0]!r} is not an entry of protocol {proto['protocol']}")
     wanted = lambda e: only is None or e["name"] in only  # noqa: E731
-    for entry in filter(wanted, proto["baselines"]):
+    for entry in filter(wanted, proto["baselines"] + repeats_of(proto, "baseline")):
         say(f"baseline {entry['name']}")
         train(model_config(proto, entry), resume=True)
     src_name, src_epoch = split_source(proto["partition_from"])
@@ -240,7 +268,7 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         return path
 
     by_name = {e["name"]: e for e in entries}
-    hydras = proto["hydranets"] + proto.get("ablations", [])
+    hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     sources = {split_source(e["hydra"]["init_from"])[0] for e in filter(wanted, hydras)
                if e.get("hydra", {}).get("init_from")}
     for entry in proto.get("checks", []):  # checks that HydraNets start from train first
@@ -301,10 +329,11 @@ def evaluate_protocol(proto: dict) -> dict:
     partition = _main_partition(proto)
     membership = Partition.load(partition).membership() if partition else None
     for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
-                            ("ablation", proto.get("ablations", [])), ("check", proto.get("checks", []))):
+                            ("ablation", proto.get("ablations", [])), ("check", proto.get("checks", [])),
+                            ("repeat", proto.get("repeats", []))):
         for entry in entries:
             run = Path(model_config(proto, entry).out)
-            if family in ("ablation", "check") and not (run / "summary.json").exists():
+            if family in ("ablation", "check", "repeat") and not (run / "summary.json").exists():
                 not_run.append(entry["name"])  # optional extras: reported as not run, the comparison stands without
                 continue
             _finished(model_config(proto, entry), family)
@@ -317,6 +346,7 @@ def evaluate_protocol(proto: dict) -> dict:
             if k is None and membership is not None:
                 ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
             rows.append({"name": entry["name"], "family": family, "curve": entry.get("family"),
+                         "repeat_of": entry.get("repeat_of"),
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                          "true_route_top1": ev.get("true_route_top1"),
@@ -341,7 +371,30 @@ def evaluate_protocol(proto: dict) -> dict:
     result["vs_check_families"] = {name: _compare(members, hydra) for name, members in _curves(rows, "check").items()}
     result["ablation_families"] = {name: _compare(baseline, members)
                                    for name, members in _curves(rows, "ablation").items()}
+    if any(r["family"] == "repeat" for r in rows):
+        means = seed_means(rows)
+        result["seed_means"] = {"members": [{k: m[k] for k in ("name", "family", "macs", "top1", "top1_runs", "top1_sd")}
+                                            for m in means],
+                                **_compare([m for m in means if m["family"] == "baseline"],
+                                           [m for m in means if m["family"] == "hydranet"])}
     return result
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Each baseline and HydraNet row with its evaluated repeats folded in: top-1 the mean over the runs
+    (``top1_runs``, member first; ``top1_sd`` their sample standard deviation), images/s the median."""
+    out = []
+    for r in rows:
+        if r["family"] not in ("baseline", "hydranet"):
+            continue
+        group = [r] + [x for x in rows if x.get("repeat_of") == r["name"]]
+        runs = [g["top1"] for g in group]
+        mean = dict(r, top1=float(np.mean(runs)), top1_runs=runs,
+                    top1_sd=float(np.std(runs, ddof=1)) if len(runs) > 1 else None)
+        for key in (k for k in r if k.startswith("images_per_s_b")):
+            mean[key] = float(np.median([g[key] for g in group]))
+        out.append(mean)
+    return out
 
 
 def _curves(rows: list[dict], family: str) -> dict[str, list[dict]]:
@@ -381,6 +434,8 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
             families.setdefault(label, []).append((r["macs"], r["top1"], r["name"] if fam else ""))
         elif r["family"] == "ablation" and fam:
             families.setdefault(f"{fam} (ablation family)", []).append((r["macs"], r["top1"], r["name"]))
+    for m in result.get("seed_means", {}).get("members", []):
+        families.setdefault(f"{m['family']}, mean over repeats", []).append((m["macs"], m["top1"], ""))
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
@@ -429,6 +484,14 @@ def _noise_line(result: dict) -> str:
             f"so two models differ by more than chance only beyond about {2 * math.sqrt(2) * se:.1f} points")
 
 
+def _seed_lines(means: dict, bss: list[str]) -> list[str]:
+    runs = [f"{m['name']} {' / '.join(f'{t:.2f}' for t in m['top1_runs'])} (mean {m['top1']:.2f}, sd {m['top1_sd']:.2f})"
+            for m in means["members"] if len(m["top1_runs"]) > 1]
+    return [f"- Repeats: top-1 of each run, first the member's own: {'; '.join(runs)}",
+            "- On the means over repeats (a member without repeats counts with its one run):"] + \
+        ["  " + line for line in _comparison_lines(means, bss, "the baseline family")]
+
+
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
     head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | busiest branch | " \
@@ -437,7 +500,8 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         total = r.get("total_epochs", r["epochs"])
         epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
-        family = f"{r['family']} ({r['curve']})" if r.get("curve") else r["family"]
+        family = f"{r['family']} ({r['curve']})" if r.get("curve") else \
+            f"repeat of {r['repeat_of']}" if r.get("repeat_of") else r["family"]
         lines.append(f"| {r['name']} | {family} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
                      f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | "
                      f"{_fmt(r.get('busiest_branch'), '.0f', '-')} | {r['macs'] / 1e6:.1f} | "
@@ -462,6 +526,8 @@ def markdown_table(result: dict) -> str:
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "ablation" and r.get("curve") == group)
         lines.append(f"- The ablation family {group} ({members}) instead of the HydraNets, against the baselines:")
         lines += ["  " + line for line in _comparison_lines(comp, bss, "the baseline family", f"the {group} family")]
+    if result.get("seed_means"):
+        lines += _seed_lines(result["seed_means"], bss)
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
