@@ -232,6 +232,15 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     partial = evaluate_protocol(load_protocol(tmp_path / "p.yaml"))  # a2 never trained: listed, not evaluated
     assert partial["not_run"] == ["a2"] and [r["name"] for r in partial["rows"]] == [r["name"] for r in result["rows"]]
     assert "Not trained, so not in the table: a2" in markdown_table(partial)
+    proto["hydranets"].append({"name": "h3", "model": tiny, "hydra": {"num_branches": 2, "topk": 1}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    partial = evaluate_protocol(load_protocol(tmp_path / "p.yaml"))  # a family member not trained: said loudly
+    assert partial["missing_members"] == ["h3"] and "h3" not in [r["name"] for r in partial["rows"]]
+    assert partial["macs"] == result["macs"]  # the curves without it
+    assert "**Family members not trained** (the families are compared without them): h3" in markdown_table(partial)
+    assert "warning: hydranet h3 has not finished training" in capsys.readouterr().err
+    proto["hydranets"].pop()
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()

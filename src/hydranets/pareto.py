@@ -325,7 +325,7 @@ def evaluate_protocol(proto: dict) -> dict:
     _, test_set = load_data(base_cfg)
     batches = list(BatchLoader(test_set, 256, train=False, device=device, prefetch=False))
     size = tuple(test_set.images.shape[1:])
-    rows, candidates, not_run = [], {}, []
+    rows, candidates, not_run, missing = [], {}, [], []
     partition = _main_partition(proto)
     membership = Partition.load(partition).membership() if partition else None
     for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
@@ -333,10 +333,13 @@ def evaluate_protocol(proto: dict) -> dict:
                             ("repeat", proto.get("repeats", []))):
         for entry in entries:
             run = Path(model_config(proto, entry).out)
-            if family in ("ablation", "check", "repeat") and not (run / "summary.json").exists():
-                not_run.append(entry["name"])  # optional extras: reported as not run, the comparison stands without
+            if not (run / "summary.json").exists():  # reported as not run; a family member is named as missing
+                not_run.append(entry["name"])
+                if family in ("baseline", "hydranet"):
+                    missing.append(entry["name"])
+                    print(f"warning: {family} {entry['name']} has not finished training; the {family} curve is "
+                          "compared without it", file=sys.stderr, flush=True)
                 continue
-            _finished(model_config(proto, entry), family)
             model, ckpt = load_trained(run, device)
             model = model.to(memory_format=torch.channels_last)
             k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
@@ -355,6 +358,10 @@ def evaluate_protocol(proto: dict) -> dict:
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
             candidates[entry["name"]] = (model, kw)
+    for family in ("baseline", "hydranet"):
+        if not any(r["family"] == family for r in rows):
+            raise HydraError(f"no {family} of protocol {proto['protocol']} has finished training; train them first "
+                             "(run without --eval-only)")
     speed_batches = proto.get("speed_batches", [256, 1])
     images = first_images(batches, max(speed_batches))
     for bs in speed_batches:
@@ -364,7 +371,8 @@ def evaluate_protocol(proto: dict) -> dict:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
               "device": str(device), "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "test_images": len(test_set), "rows": rows, "not_run": not_run}
+              "threads": torch.get_num_threads(), "test_images": len(test_set), "rows": rows, "not_run": not_run,
+              "missing_members": missing}
     hydra = [r for r in rows if r["family"] == "hydranet"]
     baseline = [r for r in rows if r["family"] == "baseline"]
     result.update(_compare(baseline, hydra))
@@ -530,6 +538,9 @@ def markdown_table(result: dict) -> str:
         lines += _seed_lines(result["seed_means"], bss)
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
+    if result.get("missing_members"):
+        lines.append(f"- **Family members not trained** (the families are compared without them): "
+                     f"{', '.join(result['missing_members'])}")
     lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
                  f"torch {result['torch']}, {result['threads']} threads")
     return "\n".join(lines) + "\n"
