@@ -442,8 +442,10 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
             families.setdefault(label, []).append((r["macs"], r["top1"], r["name"] if fam else ""))
         elif r["family"] == "ablation" and fam:
             families.setdefault(f"{fam} (ablation family)", []).append((r["macs"], r["top1"], r["name"]))
-    for m in result.get("seed_means", {}).get("members", []):
-        families.setdefault(f"{m['family']}, mean over repeats", []).append((m["macs"], m["top1"], ""))
+    means = result.get("seed_means", {}).get("members", [])
+    for m in means:  # a mean curve only for a family with repeats; elsewhere it would hide the family's own
+        if any(len(o["top1_runs"]) > 1 for o in means if o["family"] == m["family"]):
+            families.setdefault(f"{m['family']}, mean over repeats", []).append((m["macs"], m["top1"], ""))
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
