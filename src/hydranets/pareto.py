@@ -86,6 +86,7 @@ def check_entries(proto: dict, path: str | Path) -> None:
                              "its train.keep_epochs")
 
     check_kept(str(proto["partition_from"]), "partition_from")
+    hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     for entry in entries:
         cfg = model_config(proto, entry)  # check every entry before training anything
         ref = cfg.hydra.init_from if "hydra" in entry else None
@@ -95,8 +96,7 @@ def check_entries(proto: dict, path: str | Path) -> None:
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, which is neither an "
                                  "entry of the protocol nor an existing run folder or checkpoint")
             check_kept(ref, f"entry {entry['name']!r} starts from")
-        if "hydra" in entry and entry not in (proto["hydranets"] + proto.get("ablations", [])
-                                              + repeats_of(proto, "hydranet")):
+        if "hydra" in entry and entry not in hydras:
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has hydra settings but is not a HydraNet "
                              "(baselines and checks train dense networks); move it under hydranets or ablations")
         if "family" in entry and entry not in proto.get("checks", []) + proto.get("ablations", []):
@@ -381,8 +381,8 @@ def evaluate_protocol(proto: dict) -> dict:
                                    for name, members in _curves(rows, "ablation").items()}
     if any(r["family"] == "repeat" for r in rows):
         means = seed_means(rows)
-        result["seed_means"] = {"members": [{k: m[k] for k in ("name", "family", "macs", "top1", "top1_runs", "top1_sd")}
-                                            for m in means],
+        keep = ("name", "family", "macs", "top1", "top1_runs", "top1_sd")
+        result["seed_means"] = {"members": [{k: m[k] for k in keep} for m in means],
                                 **_compare([m for m in means if m["family"] == "baseline"],
                                            [m for m in means if m["family"] == "hydranet"])}
     return result
