@@ -35,3 +35,28 @@ def test_true_route_top1_routes_each_image_to_its_subtask():
     assert ev["true_route_top1"] == pytest.approx(expected)
     assert ev["top1"] == pytest.approx(gate_top1)
     assert "true_route_top1" not in evaluate(model, [(x, y)])
+
+
+def test_shuffled_top1_runs_the_next_branch_with_the_gates_weight():
+    from hydranets import build_hydranet
+    from hydranets.evaluate import evaluate
+    torch.manual_seed(0)
+    model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, shared_path=True).eval()
+    x, y = torch.randn(40, 3, 16, 16), torch.arange(40) % 10
+    with torch.no_grad():
+        before = model(x)
+        feats = model.stem(x)
+        gate_feats = model.gate[:-1](feats)
+        gate = model.gate[-1](gate_feats)
+        chosen = gate.argmax(1).tolist()
+        combined = torch.stack([torch.sigmoid(gate[i, b]) * model.branches[(b + 1) % 3](feats[i:i + 1])[0]
+                                for i, b in enumerate(chosen)]) + model.shared(gate_feats)
+        expected = 100.0 * (model.classifier(model.norm(combined)).argmax(1) == y).float().mean().item()
+        gate_top1 = 100.0 * (before.argmax(1) == y).float().mean().item()
+    assert expected != gate_top1  # the check below can tell the two apart
+    ev = evaluate(model, [(x[:24], y[:24]), (x[24:], y[24:])], shuffled_branches=True)
+    assert ev["shuffled_top1"] == pytest.approx(expected)
+    assert ev["top1"] == pytest.approx(gate_top1)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the branches are back in place
+    assert "shuffled_top1" not in evaluate(model, [(x, y)])

@@ -220,11 +220,13 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     b1 = next(r for r in result["rows"] if r["name"] == "b1")  # dense: its own subtask recall, on h1's subtasks
     assert b1["gate_recall"] is None and 0 <= b1["subtask_recall"] <= 100
     b1_line = next(line for line in markdown_table(result).splitlines() if line.startswith("| b1 |"))
-    assert f"| ({b1['subtask_recall']:.1f}) | - | - |" in b1_line
+    assert f"| ({b1['subtask_recall']:.1f}) | - | - | - |" in b1_line
     assert b1["true_route_top1"] is None and 0 <= h1["true_route_top1"] <= 100
     h1_line = next(line for line in markdown_table(result).splitlines() if line.startswith("| h1 |"))
     assert 50 <= h1["busiest_branch"] <= 100 and b1["busiest_branch"] is None  # B=2, k=1: at least half the images
-    assert f"| {h1['gate_recall']:.1f} | {h1['true_route_top1']:.2f} | {h1['busiest_branch']:.0f} |" in h1_line
+    assert b1["shuffled_top1"] is None and 0 <= h1["shuffled_top1"] <= 100
+    assert f"| {h1['gate_recall']:.1f} | {h1['true_route_top1']:.2f} | {h1['shuffled_top1']:.2f} | " \
+           f"{h1['busiest_branch']:.0f} |" in h1_line
     h2 = next(r for r in result["rows"] if r["name"] == "h2")
     assert 50 <= h2["busiest_branch"] <= 100  # B=4, k=2
     proto["ablations"].append({"name": "a2", "model": tiny, "hydra": {"num_branches": 2, "topk": 2}})

@@ -1,7 +1,7 @@
 """Evaluation: top-1/top-5 and, for a HydraNet, how well the gate routes (recall@k, branch load)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Iterable
 
 import torch
@@ -33,19 +33,22 @@ def autocast_for(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], topk: int | None = None,
-             precision: str = "fp32", collect_probs: bool = False, true_route: bool = False) -> dict:
+             precision: str = "fp32", collect_probs: bool = False, true_route: bool = False,
+             shuffled_branches: bool = False) -> dict:
     """Accuracy over ``batches``; for a HydraNet (top-k routing) also the gate's recall@k, the load on
     each branch and the B x B matrix of true subtask vs chosen branch.
 
     ``collect_probs`` also returns the softmax outputs and labels (for class descriptors). ``true_route``
     also measures a HydraNet's top-1 when each image's true subtask is among its k branches (``true_route_top1``):
-    what its branches could do with a perfect gate, to tell routing errors from weak branches.
+    what its branches could do with a perfect gate, to tell routing errors from weak branches. ``shuffled_branches``
+    also measures its top-1 when each chosen branch is replaced by the next one (b -> b+1 mod B), gate weights
+    unchanged (``shuffled_top1``): near top-1 means the branches are interchangeable, so routing adds nothing.
     """
     was_training = model.training
     model.eval()
     hydra = model if isinstance(model, HydraNet) else None
     correct1 = correct5 = total = 0
-    recall_hits = true_hits = 0
+    recall_hits = true_hits = shuffled_hits = 0
     load = matrix = None
     probs, labels = [], []
     device = next(model.parameters()).device
@@ -64,6 +67,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         if collect_probs:
             probs.append(logits.softmax(1).cpu())
             labels.append(y.cpu())
+        if hydra is not None and shuffled_branches:
+            with autocast_for(device, precision), _shifted_branches(hydra):
+                shuffled = hydra(x, routing="topk", topk=topk)
+            shuffled_hits += (shuffled.float().argmax(1) == y).sum().item()
         if hydra is not None:
             B = hydra.num_branches
             chosen = torch.zeros(y.numel(), B, device=route.device).scatter_(1, route, 1.0)
@@ -82,6 +89,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     if hydra is not None:
         result["topk"] = topk or hydra.topk
         result["branch_load"] = (load / total).tolist() if load is not None else []
+        if shuffled_branches:
+            result["shuffled_top1"] = 100.0 * shuffled_hits / total
         if matrix is not None:
             result["gate_recall"] = 100.0 * recall_hits / total
             result["routing_matrix"] = matrix.round().long().tolist()
@@ -91,6 +100,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         result["probs"] = torch.cat(probs)
         result["labels"] = torch.cat(labels)
     return result
+
+
+@contextmanager
+def _shifted_branches(hydra: HydraNet):
+    """Within the block, branch b runs wherever the gate picks branch b-1 (mod B)."""
+    branches = hydra.branches
+    hydra.branches = nn.ModuleList(list(branches)[1:] + [branches[0]])
+    try:
+        yield
+    finally:
+        hydra.branches = branches
 
 
 def subtask_recall(probs: torch.Tensor, labels: torch.Tensor, membership: torch.Tensor, k: int = 1) -> float:

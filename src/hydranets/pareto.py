@@ -345,14 +345,14 @@ def evaluate_protocol(proto: dict) -> dict:
             k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
             kw = {"topk": k} if k else {}
             ev = evaluate(model, batches, topk=k, precision=precision, collect_probs=k is None,
-                          true_route=k is not None and membership is not None)
+                          true_route=k is not None and membership is not None, shuffled_branches=k is not None)
             if k is None and membership is not None:
                 ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
             rows.append({"name": entry["name"], "family": family, "curve": entry.get("family"),
                          "repeat_of": entry.get("repeat_of"),
                          "model": ckpt["model_info"]["name"], "k": k,
                          "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
-                         "true_route_top1": ev.get("true_route_top1"),
+                         "true_route_top1": ev.get("true_route_top1"), "shuffled_top1": ev.get("shuffled_top1"),
                          "busiest_branch": 100 * max(ev["branch_load"]) if ev.get("branch_load") else None,
                          "subtask_recall": ev.get("subtask_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
@@ -504,9 +504,10 @@ def _seed_lines(means: dict, bss: list[str]) -> list[str]:
 
 def markdown_table(result: dict) -> str:
     bss = [k[len("images_per_s_b"):] for k in result["rows"][0] if k.startswith("images_per_s_b")]
-    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | busiest branch | " \
+    head = "| model | family | k | epochs (total) | top-1 | top-5 | gate recall | top-1 true route | " \
+        "top-1 shuffled branches | busiest branch | " \
         "MMACs/img | params (M) | " + " | ".join(f"img/s @{b}" for b in bss) + " |"
-    lines = [head, "|" + "---|" * (11 + len(bss))]
+    lines = [head, "|" + "---|" * (12 + len(bss))]
     for r in result["rows"]:
         total = r.get("total_epochs", r["epochs"])
         epochs = f"{r['epochs']} ({total})" if total != r["epochs"] else str(r["epochs"])
@@ -514,6 +515,7 @@ def markdown_table(result: dict) -> str:
             f"repeat of {r['repeat_of']}" if r.get("repeat_of") else r["family"]
         lines.append(f"| {r['name']} | {family} | {r['k'] or '-'} | {epochs} | {r['top1']:.2f} | "
                      f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | "
+                     f"{_fmt(r.get('shuffled_top1'), '.2f', '-')} | "
                      f"{_fmt(r.get('busiest_branch'), '.0f', '-')} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
     lines.append("")
@@ -525,6 +527,10 @@ def markdown_table(result: dict) -> str:
                      "(a perfect gate); far above top-1 means routing errors cost most, near it that the branches do")
         lines.append("- Busiest branch: the share of test images (%) that run the most used branch; with B branches and "
                      "top-k, balanced routing gives 100 k/B, 100 means every image runs that branch (collapsed routing)")
+    if any(r.get("shuffled_top1") is not None for r in result["rows"]):
+        lines.append("- Top-1 shuffled branches: a HydraNet's top-1 when each chosen branch is replaced by the next "
+                     "one (b -> b+1 mod B), gate weights unchanged; near top-1 means the branches are interchangeable "
+                     "and routing adds nothing")
     if result.get("test_images"):
         lines.append(_noise_line(result))
     lines += _comparison_lines(result, bss, "the baseline family")
