@@ -67,11 +67,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         if collect_probs:
             probs.append(logits.softmax(1).cpu())
             labels.append(y.cpu())
-        if hydra is not None and shuffled_branches:
-            with autocast_for(device, precision), _shifted_branches(hydra):
-                shuffled = hydra(x, routing="topk", topk=topk)
-            shuffled_hits += (shuffled.float().argmax(1) == y).sum().item()
         if hydra is not None:
+            if shuffled_branches:
+                with autocast_for(device, precision), _shifted_branches(hydra):
+                    shuffled = hydra(x, routing="topk", topk=topk)
+                shuffled_hits += (shuffled.float().argmax(1) == y).sum().item()
             B = hydra.num_branches
             chosen = torch.zeros(y.numel(), B, device=route.device).scatter_(1, route, 1.0)
             load = chosen.sum(0) if load is None else load + chosen.sum(0)
