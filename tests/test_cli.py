@@ -84,7 +84,7 @@ def test_models_pattern_filters(capsys):
 def eval_rows(stdout: str) -> list[list[str]]:
     lines = stdout.splitlines()
     header = next(i for i, l in enumerate(lines) if "top-1" in l and "MMACs" in l)
-    return [l.split() for l in lines[header + 1:] if l.strip()]
+    return [l.split() for l in lines[header + 1:] if l.startswith(" ")]  # rows, not the legend below them
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_eval_sweeps_topk(runs, capsys, tmp_path):
     assert "resnet_cifar on synthetic (100 test images)" in out
     printed = eval_rows(out)
     assert [r[0] for r in printed] == ["1", "2"]
-    macs = [float(r[4]) for r in printed]
+    macs = [float(r[6]) for r in printed]
     assert macs[0] < macs[1]
     rows = json.loads(rows_file.read_text())
     assert [r["k"] for r in rows] == [1, 2]
@@ -105,10 +105,14 @@ def test_eval_sweeps_topk(runs, capsys, tmp_path):
     _, test_set = synthetic_splits(10)
     batches = list(BatchLoader(test_set, 50, train=False, channels_last=False, prefetch=False))
     for printed_row, row in zip(printed, rows):
-        ev = evaluate(model, batches, topk=row["k"], precision="fp32")
+        ev = evaluate(model, batches, topk=row["k"], precision="fp32", true_route=True, shuffled_branches=True)
         assert row["top1"] == pytest.approx(ev["top1"]) and row["top5"] == pytest.approx(ev["top5"])
         assert row["gate_recall"] == pytest.approx(ev["gate_recall"])
+        assert row["true_route_top1"] == pytest.approx(ev["true_route_top1"])
+        assert row["shuffled_top1"] == pytest.approx(ev["shuffled_top1"])
         assert float(printed_row[1]) == pytest.approx(ev["top1"], abs=0.006)
+        assert float(printed_row[4]) == pytest.approx(ev["true_route_top1"], abs=0.006)
+        assert float(printed_row[5]) == pytest.approx(ev["shuffled_top1"], abs=0.006)
         assert row["images_per_s"] > 0
     # and the k the HydraNet was trained at scores what its training measured last
     summary = json.loads((runs["hydranet"] / "summary.json").read_text())
@@ -122,6 +126,7 @@ def test_eval_of_baseline(runs, capsys):
     (row,) = eval_rows(out)
     summary = json.loads((runs["baseline"] / "summary.json").read_text())
     assert row[0] == "-" and float(row[1]) == pytest.approx(summary["test_top1"], abs=0.006)
+    assert row[3:6] == ["-", "-", "-"]  # gate recall, true route, shuffled: HydraNets only
 
 
 @pytest.mark.slow

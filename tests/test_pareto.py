@@ -86,10 +86,12 @@ def test_every_entry_of_a_shipped_protocol_builds(path):
     ("c1@2", [1], "starts from 'c1@2', but 'c1' does not keep that epoch; add 2 to its train.keep_epochs"),
     ("c9", [], "starts from 'c9', which is neither an entry of the protocol nor an existing run folder"),
     ("c1@x", [], "the part after '@' must be an epoch number, e.g. c1@7"),
+    ("c1", [], "entry 'h' distils from 'c8', which is neither an entry of the protocol nor an existing run folder"),
 ])
 def test_protocol_with_a_bad_start_is_refused(tmp_path, source, keep, words):
+    teacher = {"distill": {"teacher": "c8", "weight": 0.5}} if "distils" in words else {}
     proto = {"protocol": "x", "base": {}, "partition_from": "c1", "baselines": [],
-             "hydranets": [{"name": "h", "hydra": {"init_from": source}}],
+             "hydranets": [{"name": "h", "hydra": {"init_from": source}, **teacher}],
              "checks": [{"name": "c1", "train": {"epochs": 2, "keep_epochs": keep}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     with pytest.raises(HydraError, match=re.escape(words)):
@@ -163,7 +165,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
                        "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "baseline"}},
                       {"name": "h2", "model": tiny, "hydra": {"num_branches": 4, "topk": 2, "routing": "soft"}}],
         "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"}, "family": "alt",
-                       "hydra": {"num_branches": 2, "topk": 1}},
+                       "hydra": {"num_branches": 2, "topk": 1}, "distill": {"teacher": "b2", "weight": 0.5}},
                       {"name": "a3", "model": tiny, "family": "alt",  # upcycled from a check after its epoch 1
                        "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1@1"}}],
         "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2, "keep_epochs": [1]}, "family": "long"},
@@ -182,6 +184,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert (tmp_path / "runs" / "b1" / "summary.json").exists() and not (tmp_path / "runs" / "b2").exists()
     with pytest.raises(HydraError, match=r"init_from .*c1 has not reached epoch 1 yet; .*--only c1"):
         run_protocol(load_protocol(tmp_path / "p.yaml"), only=["a3"])
+    with pytest.raises(HydraError, match=r"distill.teacher .*b2 has not finished training; .*--only b2"):
+        run_protocol(load_protocol(tmp_path / "p.yaml"), only=["a1"])
+    assert not (tmp_path / "runs" / "a1").exists()
     result = run_protocol(load_protocol(tmp_path / "p.yaml"))
     err = capsys.readouterr().err
     assert f"stem from {tmp_path / 'runs' / 'b1'}; branches and gate upcycled" in err  # both at full width
@@ -189,6 +194,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("a3", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat")]
+    a1_cfg = yaml.safe_load((tmp_path / "runs" / "a1" / "config.yaml").read_text())
+    assert a1_cfg["distill"]["teacher"] == str(tmp_path / "runs" / "b2")  # a named entry becomes its run folder
     rep_cfg = yaml.safe_load((tmp_path / "runs" / "h1-s1" / "config.yaml").read_text())
     h1_cfg = yaml.safe_load((tmp_path / "runs" / "h1" / "config.yaml").read_text())
     assert rep_cfg["train"]["seed"] == 1 and h1_cfg["train"]["seed"] != 1

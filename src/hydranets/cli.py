@@ -52,20 +52,26 @@ def cmd_eval(args) -> None:
     rows, candidates = [], {}
     for k in ks:
         kw = {"topk": k} if hydra else {}
-        ev = evaluate(model, batches, topk=k, precision=cfg.train.precision)
+        ev = evaluate(model, batches, topk=k, precision=cfg.train.precision, true_route=hydra, shuffled_branches=hydra)
         rows.append({"k": k, "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
+                     "true_route_top1": ev.get("true_route_top1"), "shuffled_top1": ev.get("shuffled_top1"),
                      "macs": model_macs(model, size, **kw), "active_params": active_params(model, k)})
         candidates[str(k)] = (model, kw)
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
                           autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
                           images=first_images(batches, args.speed_batch))
     print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
-    print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'MMACs':>9}{'params(M)':>11}{'images/s':>10}")
+    print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'true route':>12}{'shuffled':>10}{'MMACs':>9}"
+          f"{'params(M)':>11}{'images/s':>10}")
     for r, key in zip(rows, candidates):
         r["images_per_s"] = speed[key]["images_per_s"]
-        recall = f"{r['gate_recall']:.1f}" if r["gate_recall"] is not None else "-"
-        print(f"{r['k'] or '-':>3}{r['top1']:>8.2f}{r['top5']:>8.2f}{recall:>13}{r['macs'] / 1e6:>9.2f}"
-              f"{r['active_params'] / 1e6:>11.3f}{r['images_per_s']:>10.0f}")
+        recall, true_route, shuffled = (f"{r[c]:.{d}f}" if r[c] is not None else "-" for c, d in
+                                        (("gate_recall", 1), ("true_route_top1", 2), ("shuffled_top1", 2)))
+        print(f"{r['k'] or '-':>3}{r['top1']:>8.2f}{r['top5']:>8.2f}{recall:>13}{true_route:>12}{shuffled:>10}"
+              f"{r['macs'] / 1e6:>9.2f}{r['active_params'] / 1e6:>11.3f}{r['images_per_s']:>10.0f}")
+    if hydra:
+        print("true route: top-1 with each image's true subtask among its k branches (a perfect gate); shuffled: "
+              "top-1 with each chosen branch replaced by the next one (near top-1: routing adds nothing)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -96,6 +96,10 @@ def check_entries(proto: dict, path: str | Path) -> None:
                 raise HydraError(f"protocol {path}: entry {entry['name']!r} starts from {ref!r}, which is neither an "
                                  "entry of the protocol nor an existing run folder or checkpoint")
             check_kept(ref, f"entry {entry['name']!r} starts from")
+        teacher = cfg.distill.teacher
+        if teacher not in (None, "baseline") and teacher not in by_name and not Path(teacher).exists():
+            raise HydraError(f"protocol {path}: entry {entry['name']!r} distils from {teacher!r}, which is neither an "
+                             "entry of the protocol nor an existing run folder or checkpoint")
         if "hydra" in entry and entry not in hydras:
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has hydra settings but is not a HydraNet "
                              "(baselines and checks train dense networks); move it under hydranets or ablations")
@@ -247,9 +251,17 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     if unknown:
         raise HydraError(f"--only {unknown[0]!r} is not an entry of protocol {proto['protocol']}")
     wanted = lambda e: only is None or e["name"] in only  # noqa: E731
+    by_name = {e["name"]: e for e in entries}
+
+    def with_teacher(cfg: Config) -> Config:
+        """``distill.teacher`` may name a finished entry of the protocol (e.g. the best baseline)."""
+        if cfg.distill.teacher in by_name:
+            cfg.distill.teacher = _finished(model_config(proto, by_name[cfg.distill.teacher]), "distill.teacher")
+        return cfg
+
     for entry in filter(wanted, proto["baselines"] + repeats_of(proto, "baseline")):
         say(f"baseline {entry['name']}")
-        train(model_config(proto, entry), resume=True)
+        train(with_teacher(model_config(proto, entry)), resume=True)
     src_name, src_epoch = split_source(proto["partition_from"])
     src = next((e for e in proto["baselines"] if e["name"] == src_name), None)
     if src is None:
@@ -267,14 +279,13 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
             compute_partition(cfg, source, path, b)
         return path
 
-    by_name = {e["name"]: e for e in entries}
     hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     sources = {split_source(e["hydra"]["init_from"])[0] for e in filter(wanted, hydras)
                if e.get("hydra", {}).get("init_from")}
     for entry in proto.get("checks", []):  # checks that HydraNets start from train first
         if entry["name"] in sources and wanted(entry):
             say(f"check {entry['name']}")
-            train(model_config(proto, entry), resume=True)
+            train(with_teacher(model_config(proto, entry)), resume=True)
     for entry in filter(wanted, hydras):
         cfg = model_config(proto, entry)
         cfg.hydra.enabled = True
@@ -292,10 +303,10 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         if cfg.distill.teacher == "baseline":
             cfg.distill.teacher = _finished(src_cfg, "distill.teacher baseline")
         say(f"hydranet {entry['name']}")
-        train(cfg, resume=True)
+        train(with_teacher(cfg), resume=True)
     for entry in filter(wanted, proto.get("checks", [])):  # plain networks outside the families, e.g. a baseline trained twice as long
         say(f"check {entry['name']}")
-        train(model_config(proto, entry), resume=True)
+        train(with_teacher(model_config(proto, entry)), resume=True)
     if only_train or only:
         return None
     return evaluate_protocol(proto)
