@@ -30,6 +30,20 @@ def test_compare_families_by_hand():
     assert r["equal_cost_gain_mean"] == pytest.approx(6.0)
 
 
+def test_saving_along_the_baseline_curve_by_hand():
+    baseline = [(10.0, 20.0), (40.0, 30.0), (80.0, 34.0), (160.0, 40.0)]
+    hydra = [(20.0, 24.0), (40.0, 36.0)]
+    along = compare_families(baseline, hydra)["saving_along_baseline"]
+    assert [p["top1"] for p in along] == [20.0, 30.0, 34.0, 40.0]
+    assert along[0]["hydra_cost"] == 20.0 and along[0]["at_least"]  # its cheapest member is already better
+    assert along[0]["saving"] == pytest.approx(10 / 20)
+    assert along[1]["hydra_cost"] == pytest.approx(30.0) and not along[1]["at_least"]  # 20 + 20 * 6 / 12
+    assert along[1]["saving"] == pytest.approx(40 / 30)
+    assert along[2]["saving"] == pytest.approx(80 / (20 + 20 * 10 / 12))
+    assert along[3]["hydra_cost"] is None and along[3]["saving"] is None  # never reached
+    assert along[2]["saving"] == compare_families(baseline[:3], hydra)["iso_accuracy_saving"]
+
+
 def test_compare_families_reports_a_miss():
     r = compare_families([(40.0, 30.0), (80.0, 34.0)], [(20.0, 25.0), (60.0, 31.0)])
     assert r["iso_accuracy_saving"] is None
@@ -47,6 +61,8 @@ def test_markdown_reports_a_miss_as_not_reached():
                          "device": "cpu", "precision": "fp32", "torch": "x", "threads": 1})
     assert "(34.00%): n/a (the HydraNet family does not reach it)" in md
     assert "batch 1: iso-accuracy saving n/a," in md and "n/ax" not in md
+    # the HydraNet curve reaches 30% at 20 + 40 * 5 / 6 = 53.3M MACs: 40 / 53.3 = 0.75x; 34% never
+    assert "along the dense curve, at each of its points' top-1: 30.00% 0.75x, 34.00% n/a (>=" in md
     assert "Noise" not in md  # results written before the test-set size was recorded
     md = markdown_table({"rows": rows, "macs": comp, "time_b1": comp, "dataset": "synthetic", "classes": 10,
                          "device": "cpu", "precision": "fp32", "torch": "x", "threads": 1, "test_images": 2500})

@@ -205,10 +205,9 @@ def compare_families(baseline: list[tuple[float, float]], hydra: list[tuple[floa
     b, h = frontier(baseline), frontier(hydra)
     best_cost, best_acc = b[-1]
     h_acc = [a for _, a in h]
-    h_cost_at = None
-    if h_acc and h_acc[-1] >= best_acc:
-        # cost at which the HydraNet frontier first reaches the baseline's best top-1
-        h_cost_at = _interp(best_acc, h_acc, [c for c, _ in h]) if h_acc[0] <= best_acc else h[0][0]
+    h_cost_at = _cost_to_reach(best_acc, h)
+    along = [{"top1": a, "cost": c, "hydra_cost": hc, "saving": c / hc if hc else None,
+              "at_least": hc is not None and a < h_acc[0]} for c, a in b for hc in [_cost_to_reach(a, h)]]
     lo, hi = max(b[0][0], h[0][0]), min(b[-1][0], h[-1][0])
     gains = []
     if lo <= hi:
@@ -219,7 +218,16 @@ def compare_families(baseline: list[tuple[float, float]], hydra: list[tuple[floa
             "iso_accuracy_saving": best_cost / h_cost_at if h_cost_at else None,
             "equal_cost_gain_mean": float(np.mean(gains)) if gains else None,
             "equal_cost_gain_max": float(np.max(gains)) if gains else None,
-            "shared_cost_range": [lo, hi] if lo <= hi else None}
+            "shared_cost_range": [lo, hi] if lo <= hi else None,
+            "saving_along_baseline": along}
+
+
+def _cost_to_reach(acc: float, h: list[tuple[float, float]]) -> float | None:
+    """The cost at which frontier ``h`` first reaches top-1 ``acc`` (its cheapest point if that is already above)."""
+    h_acc = [a for _, a in h]
+    if not h_acc or h_acc[-1] < acc:
+        return None
+    return _interp(acc, h_acc, [c for c, _ in h]) if h_acc[0] <= acc else h[0][0]
 
 
 def _finished(cfg: Config, role: str) -> str:
@@ -477,6 +485,10 @@ def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "th
                                                           f" ({hydra} does not reach it)"),
              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
+    if len(m.get("saving_along_baseline", [])) > 1:
+        lines.append("- Iso-accuracy saving in MACs along the dense curve, at each of its points' top-1: " + ", ".join(
+            f"{p['top1']:.2f}% {'>=' if p['at_least'] else ''}{_times(p['saving'])}"
+            for p in m["saving_along_baseline"]) + " (>=: the cheapest HydraNet is already more accurate)")
     for b in bss:
         t = comp[f"time_b{b}"]
         lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_times(t['iso_accuracy_saving'])}, "
