@@ -485,10 +485,11 @@ def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "th
                                                           f" ({hydra} does not reach it)"),
              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
-    if len(m.get("saving_along_baseline", [])) > 1:
+    along = m.get("saving_along_baseline", [])
+    if len(along) > 1:
         lines.append("- Iso-accuracy saving in MACs along the dense curve, at each of its points' top-1: " + ", ".join(
-            f"{p['top1']:.2f}% {'>=' if p['at_least'] else ''}{_times(p['saving'])}"
-            for p in m["saving_along_baseline"]) + " (>=: the cheapest HydraNet is already more accurate)")
+            f"{p['top1']:.2f}% {'>=' if p['at_least'] else ''}{_times(p['saving'])}" for p in along)
+            + (" (>=: the cheapest HydraNet is already more accurate)" if any(p["at_least"] for p in along) else ""))
     for b in bss:
         t = comp[f"time_b{b}"]
         lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_times(t['iso_accuracy_saving'])}, "
