@@ -262,9 +262,12 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     by_name = {e["name"]: e for e in entries}
 
     def with_teacher(cfg: Config) -> Config:
-        """``distill.teacher`` may name a finished entry of the protocol (e.g. the best baseline)."""
-        if cfg.distill.teacher in by_name:
-            cfg.distill.teacher = _finished(model_config(proto, by_name[cfg.distill.teacher]), "distill.teacher")
+        """``distill.teacher`` may name a finished entry of the protocol, or be ``baseline``: the one the subtasks
+        come from (``partition_from``)."""
+        teacher = cfg.distill.teacher
+        name = split_source(proto["partition_from"])[0] if teacher == "baseline" else teacher
+        if name in by_name:
+            cfg.distill.teacher = _finished(model_config(proto, by_name[name]), f"distill.teacher {teacher}")
         return cfg
 
     for entry in filter(wanted, proto["baselines"] + repeats_of(proto, "baseline")):
@@ -308,8 +311,6 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
             source = model_config(proto, by_name[name])
             cfg.hydra.init_from = _finished(source, "init_from") if epoch is None else \
                 _kept(source, name, epoch, "init_from")
-        if cfg.distill.teacher == "baseline":
-            cfg.distill.teacher = _finished(src_cfg, "distill.teacher baseline")
         say(f"hydranet {entry['name']}")
         train(with_teacher(cfg), resume=True)
     for entry in filter(wanted, proto.get("checks", [])):  # plain networks outside the families, e.g. a baseline trained twice as long
