@@ -235,6 +235,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     alt = [(r["macs"], r["top1"]) for r in result["rows"] if r["curve"] == "alt"]  # an ablation family: a second
     bases = [(r["macs"], r["top1"]) for r in result["rows"] if r["family"] == "baseline"]  # HydraNet curve
     assert len(alt) == 2 and result["ablation_families"]["alt"]["macs"] == compare_families(bases, alt)
+    assert result["vs_ablation_families"]["alt"]["macs"] == compare_families(alt, hydras)  # and the HydraNets against it
     assert {p.name for p in (tmp_path / "runs").glob("partition_*.json")} == {"partition_kmeans_b2.json",
                                                                               "partition_kmeans_b4.json",
                                                                               "partition_random_b2.json"}
@@ -270,6 +271,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
     assert "The ablation family alt (a1, a3) instead of the HydraNets, against the baselines:" in md.read_text()
+    assert "  - The HydraNet family against the alt family as the reference curve:\n    - Iso-accuracy saving in MACs " \
+           "at the alt family's best top-1" in md.read_text()
     assert "| a1 | ablation (alt) |" in md.read_text() and "| c1 | check (long) |" in md.read_text()
     assert "| h1-s1 | repeat of h1 |" in md.read_text()
     assert f"Repeats: top-1 of each run, first the member's own: b1 {top1['b1']:.2f} / {top1['b1-s1']:.2f}" in md.read_text()

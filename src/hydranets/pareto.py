@@ -397,8 +397,9 @@ def evaluate_protocol(proto: dict) -> dict:
     baseline = [r for r in rows if r["family"] == "baseline"]
     result.update(_compare(baseline, hydra))
     result["vs_check_families"] = {name: _compare(members, hydra) for name, members in _curves(rows, "check").items()}
-    result["ablation_families"] = {name: _compare(baseline, members)
-                                   for name, members in _curves(rows, "ablation").items()}
+    ablations = _curves(rows, "ablation")
+    result["ablation_families"] = {name: _compare(baseline, members) for name, members in ablations.items()}
+    result["vs_ablation_families"] = {name: _compare(members, hydra) for name, members in ablations.items()}
     if any(r["family"] == "repeat" for r in rows):
         means = seed_means(rows)
         keep = ("name", "family", "macs", "top1", "top1_runs", "top1_sd")
@@ -567,6 +568,10 @@ def markdown_table(result: dict) -> str:
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "ablation" and r.get("curve") == group)
         lines.append(f"- The ablation family {group} ({members}) instead of the HydraNets, against the baselines:")
         lines += ["  " + line for line in _comparison_lines(comp, bss, "the baseline family", f"the {group} family")]
+        if group in result.get("vs_ablation_families", {}):  # e.g. a dense control of the HydraNets' own shape
+            lines.append(f"  - The HydraNet family against the {group} family as the reference curve:")
+            lines += ["    " + line for line in
+                      _comparison_lines(result["vs_ablation_families"][group], bss, f"the {group} family")]
     if result.get("seed_means"):
         lines += _seed_lines(result["seed_means"], bss)
     if result.get("not_run"):
