@@ -15,8 +15,10 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -33,11 +35,14 @@ from .partition import Partition
 from .registry import create_model, is_model
 from .routing import balance_loss, topk_route
 
+if TYPE_CHECKING:
+    from .data import ImageDataset
+
 CHECKPOINT = "checkpoints/last.pt"
 
 
 # ---------------------------------------------------------------- building blocks
-def load_data(cfg: Config):
+def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     """Train and test splits as in-memory :class:`~hydranets.data.ImageDataset`."""
     d = cfg.data
     if d.name == "imagefolder":
@@ -57,7 +62,7 @@ def load_data(cfg: Config):
     return train_set, test_set
 
 
-def make_loaders(cfg: Config, rt: distributed.Runtime):
+def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterable, list[str], int]:
     """Training and test batches on the run's device, the class names and the input channels."""
     from .data import BatchLoader
     t, d = cfg.train, cfg.data
@@ -474,8 +479,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
 
 
 def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraNet | None, teacher: nn.Module | None,
-                    loader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int,
+                    loader: Iterable, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int,
                     total_steps: int, rt: distributed.Runtime) -> dict:
+    """One pass over the training batches; the epoch's mean loss, last learning rate and speed."""
     t, h = cfg.train, cfg.hydra
     model.train()
     g = torch.Generator().manual_seed(t.seed * 100003 + epoch)  # loop randomness (mixup, annealed routing)
@@ -535,7 +541,8 @@ def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraN
 
 
 def compute_loss(cfg: Config, net: nn.Module, hydra: HydraNet | None, teacher: nn.Module | None,
-                 x: torch.Tensor, y: torch.Tensor, force: torch.Tensor | None, mix, all_y) -> torch.Tensor:
+                 x: torch.Tensor, y: torch.Tensor, force: torch.Tensor | None,
+                 mix: tuple[float, torch.Tensor] | None, all_y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (+ lambda x gate BCE and a load-balancing loss for a HydraNet, + distillation from a teacher)."""
     ls = cfg.optim.label_smoothing
     if hydra is None:
