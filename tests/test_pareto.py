@@ -151,18 +151,22 @@ def test_repeats_take_their_members_settings(tmp_path):
     member = {"name": "h", "model": {"name": "resnet20"}, "train": {"epochs": 3, "seed": 0},
               "hydra": {"num_branches": 4, "topk": 1, "branch_width": 0.5}}
     proto = {"protocol": "x", "base": {}, "partition_from": "b", "baselines": [{"name": "b"}], "hydranets": [member],
-             "checks": [{"name": "c"}],
-             "repeats": [{"name": "h-s1", "repeat_of": "h", "train": {"seed": 1}, "hydra": {"topk": 2}}]}
+             "checks": [{"name": "c"}], "ablations": [{"name": "a", "hydra": {"topk": 1}},
+                                                      {"name": "f", "family": "ctl", "hydra": {"num_branches": 1}}],
+             "repeats": [{"name": "h-s1", "repeat_of": "h", "train": {"seed": 1}, "hydra": {"topk": 2}},
+                         {"name": "f-s1", "repeat_of": "f", "train": {"seed": 1}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     loaded = load_protocol(tmp_path / "p.yaml")
     cfg, rep = model_config(loaded, loaded["hydranets"][0]), model_config(loaded, loaded["repeats"][0])
     assert (rep.train.seed, rep.train.epochs, rep.hydra.topk, rep.hydra.num_branches) == (1, 3, 2, 4)
     assert (cfg.train.seed, cfg.hydra.topk) == (0, 1) and rep.out.endswith("h-s1")
-    assert [e["name"] for e in all_entries(loaded)][-1] == "h-s1"
-    for bad in ("c", "nope"):  # only family members have repeats
+    assert [e["name"] for e in all_entries(loaded)][-2:] == ["h-s1", "f-s1"]
+    ctl = loaded["repeats"][1]  # a repeat of an ablation family's member: its settings, not its place on the curve
+    assert "family" not in ctl and ctl["repeat_of"] == "f" and model_config(loaded, ctl).hydra.num_branches == 1
+    for bad in ("c", "a", "nope"):  # only family members have repeats (a lone ablation is no family's member)
         proto["repeats"][0]["repeat_of"] = bad
         (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
-        with pytest.raises(HydraError, match=f"repeat 'h-s1' has repeat_of '{bad}', which is not a baseline or "):
+        with pytest.raises(HydraError, match=f"repeat 'h-s1' has repeat_of '{bad}', which is not a baseline, "):
             load_protocol(tmp_path / "p.yaml")
 
 
@@ -188,7 +192,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
                    {"name": "c2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}},
                     "train": {"epochs": 2}, "family": "long"}],
         "repeats": [{"name": "b1-s1", "repeat_of": "b1", "train": {"seed": 1}},
-                    {"name": "h1-s1", "repeat_of": "h1", "train": {"seed": 1}}],
+                    {"name": "h1-s1", "repeat_of": "h1", "train": {"seed": 1}},
+                    {"name": "a3-s1", "repeat_of": "a3", "train": {"seed": 1}}],
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     with pytest.raises(HydraError, match="--only 'h9' is not an entry"):
@@ -209,7 +214,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; branches and gate upcycled" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
-        ("a3", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat")]
+        ("a3", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat"),
+        ("a3-s1", "repeat")]
     a1_cfg = yaml.safe_load((tmp_path / "runs" / "a1" / "config.yaml").read_text())
     assert a1_cfg["distill"]["teacher"] == str(tmp_path / "runs" / "b2")  # a named entry becomes its run folder
     rep_cfg = yaml.safe_load((tmp_path / "runs" / "h1-s1" / "config.yaml").read_text())
@@ -236,6 +242,11 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     bases = [(r["macs"], r["top1"]) for r in result["rows"] if r["family"] == "baseline"]  # HydraNet curve
     assert len(alt) == 2 and result["ablation_families"]["alt"]["macs"] == compare_families(bases, alt)
     assert result["vs_ablation_families"]["alt"]["macs"] == compare_families(alt, hydras)  # and the HydraNets against it
+    assert means["a3"]["top1_runs"] == [top1["a3"], top1["a3-s1"]] and means["a1"]["top1_runs"] == [top1["a1"]]
+    alt_means = [(means[n]["macs"], means[n]["top1"]) for n in ("a1", "a3")]  # the ablation family on its means
+    assert result["seed_means"]["ablation_families"]["alt"]["macs"] == compare_families(mean_pts("baseline"), alt_means)
+    assert result["seed_means"]["vs_ablation_families"]["alt"]["macs"] == compare_families(alt_means,
+                                                                                          mean_pts("hydranet"))
     assert {p.name for p in (tmp_path / "runs").glob("partition_*.json")} == {"partition_kmeans_b2.json",
                                                                               "partition_kmeans_b4.json",
                                                                               "partition_random_b2.json"}
@@ -277,6 +288,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "| h1-s1 | repeat of h1 |" in md.read_text()
     assert f"Repeats: top-1 of each run, first the member's own: b1 {top1['b1']:.2f} / {top1['b1-s1']:.2f}" in md.read_text()
     assert "- On the means over repeats (a member without repeats counts with its one run):" in md.read_text()
+    assert "  - The ablation family alt instead of the HydraNets, against the baselines:\n    - Iso-accuracy saving " \
+           "in MACs at the baseline family's best top-1" in md.read_text()
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
     run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
     assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime

@@ -52,16 +52,19 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 def expand_repeats(proto: dict, path: str | Path) -> None:
-    """Each ``repeats`` entry becomes a whole entry: the family member it names in ``repeat_of``, with the
-    repeat's own settings (typically ``train.seed``) over it, so a repeat cannot drift from its member."""
-    members = {e.get("name"): e for e in proto["baselines"] + proto["hydranets"]}
+    """Each ``repeats`` entry becomes a whole entry: the family member it names in ``repeat_of`` (a baseline, a
+    HydraNet or a member of an ablation family), with the repeat's own settings (typically ``train.seed``) over
+    it, so a repeat cannot drift from its member."""
+    members = {e.get("name"): e for e in proto["baselines"] + proto["hydranets"]
+               + [a for a in proto.get("ablations", []) if "family" in a]}
     expanded = []
     for rep in proto.get("repeats", []):
         target = members.get(rep.get("repeat_of"))
         if target is None:
             raise HydraError(f"protocol {path}: repeat {rep.get('name')!r} has repeat_of {rep.get('repeat_of')!r}, "
-                             "which is not a baseline or HydraNet of the protocol; name one of those")
-        entry = _merge(copy.deepcopy({k: v for k, v in target.items() if k != "name"}),
+                             "which is not a baseline, HydraNet or ablation-family member of the protocol; name one "
+                             "of those")
+        entry = _merge(copy.deepcopy({k: v for k, v in target.items() if k not in ("name", "family")}),
                        copy.deepcopy({k: v for k, v in rep.items() if k != "repeat_of"}))
         entry["repeat_of"] = target["name"]
         expanded.append(entry)
@@ -69,8 +72,10 @@ def expand_repeats(proto: dict, path: str | Path) -> None:
 
 
 def repeats_of(proto: dict, family: str) -> list[dict]:
-    """The (expanded) repeats of the ``"baseline"`` or ``"hydranet"`` family's members."""
-    names = {e["name"] for e in proto["baselines" if family == "baseline" else "hydranets"]}
+    """The (expanded) repeats of the ``"baseline"`` family's members, or of every HydraNet (``"hydranet"``: the
+    HydraNet family's members and the ablations')."""
+    entries = proto["baselines"] if family == "baseline" else proto["hydranets"] + proto.get("ablations", [])
+    names = {e["name"] for e in entries}
     return [e for e in proto.get("repeats", []) if e["repeat_of"] in names]
 
 
@@ -402,19 +407,23 @@ def evaluate_protocol(proto: dict) -> dict:
     result["vs_ablation_families"] = {name: _compare(members, hydra) for name, members in ablations.items()}
     if any(r["family"] == "repeat" for r in rows):
         means = seed_means(rows)
-        keep = ("name", "family", "macs", "top1", "top1_runs", "top1_sd")
+        keep = ("name", "family", "curve", "macs", "top1", "top1_runs", "top1_sd")
+        mean_base = [m for m in means if m["family"] == "baseline"]
+        mean_hydra = [m for m in means if m["family"] == "hydranet"]
+        mean_ablations = _curves(means, "ablation")
         result["seed_means"] = {"members": [{k: m[k] for k in keep} for m in means],
-                                **_compare([m for m in means if m["family"] == "baseline"],
-                                           [m for m in means if m["family"] == "hydranet"])}
+                                **_compare(mean_base, mean_hydra),
+                                "ablation_families": {n: _compare(mean_base, g) for n, g in mean_ablations.items()},
+                                "vs_ablation_families": {n: _compare(g, mean_hydra) for n, g in mean_ablations.items()}}
     return result
 
 
 def seed_means(rows: list[dict]) -> list[dict]:
-    """Each baseline and HydraNet row with its evaluated repeats folded in: top-1 the mean over the runs
-    (``top1_runs``, member first; ``top1_sd`` their sample standard deviation), images/s the median."""
+    """Each baseline, HydraNet and ablation-family row with its evaluated repeats folded in: top-1 the mean over
+    the runs (``top1_runs``, member first; ``top1_sd`` their sample standard deviation), images/s the median."""
     out = []
     for r in rows:
-        if r["family"] not in ("baseline", "hydranet"):
+        if r["family"] not in ("baseline", "hydranet") and not (r["family"] == "ablation" and r.get("curve")):
             continue
         group = [r] + [x for x in rows if x.get("repeat_of") == r["name"]]
         runs = [g["top1"] for g in group]
@@ -465,8 +474,8 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
             families.setdefault(f"{fam} (ablation family)", []).append((r["macs"], r["top1"], r["name"]))
     means = result.get("seed_means", {}).get("members", [])
     for m in means:  # a mean curve only for a family with repeats; elsewhere it would hide the family's own
-        if any(len(o["top1_runs"]) > 1 for o in means if o["family"] == m["family"]):
-            families.setdefault(f"{m['family']}, mean over repeats", []).append((m["macs"], m["top1"], ""))
+        if any(len(o["top1_runs"]) > 1 for o in means if (o["family"], o.get("curve")) == (m["family"], m.get("curve"))):
+            families.setdefault(f"{m.get('curve') or m['family']}, mean over repeats", []).append((m["macs"], m["top1"], ""))
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
@@ -523,9 +532,16 @@ def _noise_line(result: dict) -> str:
 def _seed_lines(means: dict, bss: list[str]) -> list[str]:
     runs = [f"{m['name']} {' / '.join(f'{t:.2f}' for t in m['top1_runs'])} (mean {m['top1']:.2f}, sd {m['top1_sd']:.2f})"
             for m in means["members"] if len(m["top1_runs"]) > 1]
-    return [f"- Repeats: top-1 of each run, first the member's own: {'; '.join(runs)}",
-            "- On the means over repeats (a member without repeats counts with its one run):"] + \
+    lines = [f"- Repeats: top-1 of each run, first the member's own: {'; '.join(runs)}",
+             "- On the means over repeats (a member without repeats counts with its one run):"] + \
         ["  " + line for line in _comparison_lines(means, bss, "the baseline family")]
+    for group, comp in means.get("ablation_families", {}).items():
+        lines.append(f"  - The ablation family {group} instead of the HydraNets, against the baselines:")
+        lines += ["    " + line for line in _comparison_lines(comp, bss, "the baseline family", f"the {group} family")]
+        lines.append(f"    - The HydraNet family against the {group} family as the reference curve:")
+        lines += ["      " + line for line in
+                  _comparison_lines(means["vs_ablation_families"][group], bss, f"the {group} family")]
+    return lines
 
 
 def markdown_table(result: dict) -> str:
