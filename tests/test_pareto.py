@@ -310,7 +310,7 @@ def test_smoke_run_of_a_gpu_protocol(tmp_path, monkeypatch):
     result = json.loads((runs / "results" / "cifar100-gpu-smoke.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {e["name"] for e in proto["baselines"] + proto["hydranets"] + proto["ablations"]}
-    assert (rows["resnet20"]["epochs"], rows["hydra-r20-b8k1"]["epochs"], rows["hydra-r20-b8k1"]["total_epochs"]) == (2, 1, 2)
+    assert (rows["resnet20"]["epochs"], rows["f20u-r20"]["epochs"], rows["f20u-r20"]["total_epochs"]) == (2, 1, 2)
     assert result["macs"]["baseline_best_top1"] == max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
 
 
