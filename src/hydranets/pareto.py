@@ -535,12 +535,18 @@ def _seed_lines(means: dict, bss: list[str]) -> list[str]:
     lines = [f"- Repeats: top-1 of each run, first the member's own: {'; '.join(runs)}",
              "- On the means over repeats (a member without repeats counts with its one run):"] + \
         ["  " + line for line in _comparison_lines(means, bss, "the baseline family")]
-    for group, comp in means.get("ablation_families", {}).items():
-        lines.append(f"  - The ablation family {group} instead of the HydraNets, against the baselines:")
-        lines += ["    " + line for line in _comparison_lines(comp, bss, "the baseline family", f"the {group} family")]
-        lines.append(f"    - The HydraNet family against the {group} family as the reference curve:")
-        lines += ["      " + line for line in
-                  _comparison_lines(means["vs_ablation_families"][group], bss, f"the {group} family")]
+    for group in means.get("ablation_families", {}):
+        lines += ["  " + line for line in _ablation_family_lines(means, group, group, bss)]
+    return lines
+
+
+def _ablation_family_lines(comps: dict, group: str, label: str, bss: list[str]) -> list[str]:
+    """An ablation family against the baselines, then the HydraNets against it, from ``comps``' comparisons."""
+    lines = [f"- The ablation family {label} instead of the HydraNets, against the baselines:"]
+    lines += ["  " + line for line in
+              _comparison_lines(comps["ablation_families"][group], bss, "the baseline family", f"the {group} family")]
+    lines.append(f"  - The HydraNet family against the {group} family as the reference curve:")
+    lines += ["    " + line for line in _comparison_lines(comps["vs_ablation_families"][group], bss, f"the {group} family")]
     return lines
 
 
@@ -580,14 +586,9 @@ def markdown_table(result: dict) -> str:
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "check" and r.get("curve") == group)
         lines.append(f"- Against the check family {group} ({members}) instead of the baselines:")
         lines += ["  " + line for line in _comparison_lines(comp, bss, group)]
-    for group, comp in result.get("ablation_families", {}).items():
+    for group in result.get("ablation_families", {}):  # e.g. a dense control of the HydraNets' own shape
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "ablation" and r.get("curve") == group)
-        lines.append(f"- The ablation family {group} ({members}) instead of the HydraNets, against the baselines:")
-        lines += ["  " + line for line in _comparison_lines(comp, bss, "the baseline family", f"the {group} family")]
-        if group in result.get("vs_ablation_families", {}):  # e.g. a dense control of the HydraNets' own shape
-            lines.append(f"  - The HydraNet family against the {group} family as the reference curve:")
-            lines += ["    " + line for line in
-                      _comparison_lines(result["vs_ablation_families"][group], bss, f"the {group} family")]
+        lines += _ablation_family_lines(result, group, f"{group} ({members})", bss)
     if result.get("seed_means"):
         lines += _seed_lines(result["seed_means"], bss)
     if result.get("not_run"):
