@@ -260,6 +260,43 @@ def test_balance_loss_adds_its_weighted_term(tmp_path):
     assert (soft - soft_without).item() == pytest.approx(0.5 * balance_loss(out.gate_logits, top1).item(), rel=1e-5)
 
 
+def test_branch_scales_set_the_branches_optimiser_groups(tmp_path):
+    """hydra.branch_lr_scale/branch_decay_scale put every branch parameter, and nothing else, in scaled groups."""
+    from hydranets.train import build_model, make_optimizer, model_info
+    cfg = cfg_for(tmp_path / "r", "hydra.enabled=true", "hydra.num_branches=2", "hydra.topk=1", "hydra.gate_loss=0",
+                  "hydra.stem_width=0.25", "hydra.branch_width=0.25", "hydra.gate_width=0.25",
+                  "hydra.branch_lr_scale=4", "hydra.branch_decay_scale=0.25", "optim.weight_decay=0.001")
+    model = build_model(model_info(cfg, 10, 3), None, topk=1)
+    groups = make_optimizer(cfg, model).param_groups
+    named = {id(p): n for n, p in model.named_parameters()}
+    by_group = [{named[id(p)] for p in g["params"]} for g in groups]
+    assert sum(map(len, by_group)) == len(named) and set().union(*by_group) == set(named.values())
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0, 4.0, 4.0]
+    assert [g["weight_decay"] for g in groups] == pytest.approx([0.001, 0.0, 0.00025, 0.0])
+    assert all(n.startswith("branches.") for n in by_group[2] | by_group[3])
+    assert not any(n.startswith("branches.") for n in by_group[0] | by_group[1])
+    assert all(p.dim() > 1 for p in groups[2]["params"]) and all(p.dim() == 1 for p in groups[3]["params"])
+    cfg.hydra.branch_lr_scale = cfg.hydra.branch_decay_scale = 1.0  # unscaled: the two groups of a dense network
+    assert len(make_optimizer(cfg, model).param_groups) == 2
+
+
+def test_branch_lr_scale_reaches_the_training_steps(tmp_path):
+    """With a branch learning rate of ~0 the branches keep their initial weights while the rest trains.
+
+    The initial weights are those of the same run (same seed) trained at a learning rate of ~0 everywhere.
+    """
+    hydra = ["hydra.enabled=true", "hydra.num_branches=2", "hydra.topk=1", "hydra.gate_loss=0",
+             "hydra.stem_width=0.25", "hydra.branch_width=0.25", "hydra.gate_width=0.25", "train.epochs=1"]
+    train(cfg_for(tmp_path / "frozen", *hydra, "hydra.branch_lr_scale=1e-9", "hydra.branch_decay_scale=0"))
+    train(cfg_for(tmp_path / "init", *hydra, "optim.lr=1e-11"))
+    frozen, init = load_ckpt(tmp_path / "frozen")["model"], load_ckpt(tmp_path / "init")["model"]
+    params = {n for n, _ in train_mod.load_trained(tmp_path / "init")[0].named_parameters()}
+    branch = sorted(n for n in params if n.startswith("branches."))
+    assert branch and all(torch.allclose(frozen[n], init[n], atol=1e-6) for n in branch)
+    moved = [n for n in sorted(params - set(branch)) if not torch.allclose(frozen[n], init[n], atol=1e-4)]
+    assert any(n.startswith("stem.") for n in moved) and any(n.startswith("classifier.") for n in moved)
+
+
 # ---------------------------------------------------------------- learning-rate schedule
 def test_two_windows_of_a_schedule_are_the_whole_schedule():
     whole = load_config(overrides=["train.epochs=4", "optim.lr=0.2", "optim.warmup_epochs=1"])
@@ -383,6 +420,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("hydra={enabled: true, num_branches: 4, train_topk: 5, gate_loss: 0}", ["hydra.train_topk", "from 1 to", "(4)", "5"]),
     ("train.keep_epochs=[0]", ["train.keep_epochs", "from 1 to train.epochs", "[0]"]),
     ("hydra={enabled: true, balance_loss: -0.1, gate_loss: 0}", ["hydra.balance_loss=-0.1", "must be >= 0"]),
+    ("hydra={enabled: true, branch_lr_scale: 0, gate_loss: 0}", ["hydra.branch_lr_scale=0", "must be > 0"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

@@ -145,10 +145,27 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """SGD or AdamW, without weight decay on biases and norms.
+
+    A HydraNet's branches may take their own multipliers of the learning rate and weight decay
+    (``hydra.branch_lr_scale``, ``hydra.branch_decay_scale``): a branch sees only about k/B of each batch,
+    so its share of the batch-mean gradient is that much smaller while its weight decay is not.
+    """
+    h = cfg.hydra
+    scaled = isinstance(model, HydraNet) and (h.branch_lr_scale != 1.0 or h.branch_decay_scale != 1.0)
+    branch = {id(p) for p in model.branches.parameters()} if scaled else set()
+    decay, no_decay, branch_decay, branch_no_decay = [], [], [], []
     for p in model.parameters():
-        (decay if p.dim() > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(p) in branch:
+            (branch_decay if p.dim() > 1 else branch_no_decay).append(p)
+        else:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    wd = cfg.optim.weight_decay
+    groups = [{"params": decay, "weight_decay": wd, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if scaled:
+        groups += [{"params": branch_decay, "weight_decay": wd * h.branch_decay_scale, "lr_scale": h.branch_lr_scale},
+                   {"params": branch_no_decay, "weight_decay": 0.0, "lr_scale": h.branch_lr_scale}]
     if cfg.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.optim.lr)
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
@@ -374,6 +391,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
                          f"got {h.train_topk!r}; or null to train with hydra.topk")
     if h.enabled and h.balance_loss < 0:
         raise HydraError(f"hydra.balance_loss={h.balance_loss} must be >= 0 (0 turns it off)")
+    if h.enabled and not (h.branch_lr_scale > 0 and h.branch_decay_scale >= 0):
+        raise HydraError(f"hydra.branch_lr_scale={h.branch_lr_scale} must be > 0 and hydra.branch_decay_scale="
+                         f"{h.branch_decay_scale} >= 0 (1 and 1: the branches train like every other layer)")
     if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.keep_epochs):
         raise HydraError(f"train.keep_epochs must list epochs from 1 to train.epochs ({t.epochs}), got {t.keep_epochs!r}")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
@@ -496,7 +516,7 @@ def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraN
         wait += time.perf_counter() - tw
         step = epoch * steps + i
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step, total_steps)
+            group["lr"] = lr_at(cfg, step, total_steps) * group.get("lr_scale", 1.0)
         force = None
         if hydra is not None:
             p_oracle = 1.0 if h.routing == "oracle" else (max(0.0, 1 - (epoch + i / steps) / h.oracle_epochs)
