@@ -229,6 +229,59 @@ def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path
     assert init_stem_from(hyd, str(path), upcycle=None) == ["branches"]
 
 
+def _hydranet_checkpoint(tmp_path, **kw):
+    from hydranets.checkpoint import atomic_save
+    torch.manual_seed(2)
+    src = build_hydranet("resnet_cifar", 6, depth=8, width=0.5, branch_width=1.0, gate_width=1.0, **kw)
+    with torch.no_grad():  # every tensor away from its initial value, so a part left uncopied shows
+        for t in src.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t) * 0.5)
+    path = tmp_path / "source.pt"
+    atomic_save({"model": src.state_dict(), "model_info": {}}, path)
+    return src.eval(), path
+
+
+@pytest.mark.parametrize("src_b, b", [(1, 4), (2, 4), (2, 3)])
+def test_upcycle_branches_starts_as_its_source_hydranet(tmp_path, src_b, b):
+    from hydranets.train import init_stem_from
+    src, path = _hydranet_checkpoint(tmp_path, num_branches=src_b, topk=1, shared_path=True)
+    hyd = build_hydranet("resnet_cifar", 6, num_branches=b, topk=1, depth=8, width=0.5, branch_width=1.0,
+                         gate_width=1.0, shared_path=True)
+    assert init_stem_from(hyd, str(path)) == ["stem", "branches", "gate", "classifier"]
+    hyd.eval()
+    x = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        src_out = src(x, return_gate=True)
+        out = hyd(x, return_gate=True)
+        # the gate scores copy the source's, branch b's score being that of the source's branch b mod src_b
+        torch.testing.assert_close(out.gate_logits, src_out.gate_logits[:, torch.arange(b) % src_b])
+        torch.testing.assert_close(out.logits, src(x), rtol=1e-5, atol=1e-5)
+        for i in range(b):  # every image sent to branch i computes what the source's branch i mod src_b gave
+            route = torch.full((7, 1), i)
+            torch.testing.assert_close(hyd(x, route=route), src(x, route=route % src_b), rtol=1e-5, atol=1e-5)
+    ptrs = {p.data_ptr() for br in hyd.branches for p in br.parameters()}
+    assert len(ptrs) == sum(1 for br in hyd.branches for _ in br.parameters())  # copies, not shared tensors
+
+
+def test_upcycle_branches_checks_the_shape(tmp_path):
+    from hydranets.train import init_stem_from
+    _, path = _hydranet_checkpoint(tmp_path, num_branches=2, topk=1, shared_path=True)
+    fewer = build_hydranet("resnet_cifar", 6, num_branches=1, topk=1, depth=8, width=0.5, branch_width=1.0,
+                           gate_width=1.0, shared_path=True)
+    with pytest.raises(HydraError, match=r"with 2 branches cannot start one with fewer \(1\).*num_branches >= 2"):
+        init_stem_from(fewer, str(path))
+    narrow = build_hydranet("resnet_cifar", 6, num_branches=4, topk=1, depth=8, width=0.5, branch_width=0.5,
+                            gate_width=1.0, shared_path=True)
+    with pytest.raises(HydraError, match=r"does not fit this one \(its tensor branches.0.0.0.body.0.0.weight "
+                                         r"\(16, 16, 3, 3\) \(the source has \(32, 16, 3, 3\)\)\)"):
+        init_stem_from(narrow, str(path))
+    no_shared = build_hydranet("resnet_cifar", 6, num_branches=4, topk=1, depth=8, width=0.5, branch_width=1.0,
+                               gate_width=1.0)
+    with pytest.raises(HydraError, match=r"the source's tensor shared.weight has no place in this one"):
+        init_stem_from(no_shared, str(path))
+
+
 def test_shared_path_adds_the_gates_features_for_every_image():
     torch.manual_seed(0)
     kw = dict(num_classes=16, num_branches=4, topk=1, depth=8)

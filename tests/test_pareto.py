@@ -187,7 +187,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
         "ablations": [{"name": "a1", "model": tiny, "partition": {"method": "random"}, "family": "alt",
                        "hydra": {"num_branches": 2, "topk": 1}, "distill": {"teacher": "b2", "weight": 0.5}},
                       {"name": "a3", "model": tiny, "family": "alt",  # upcycled from a check after its epoch 1
-                       "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1@1"}}],
+                       "hydra": {"num_branches": 2, "topk": 1, "branch_width": 1.0, "init_from": "c1@1"}},
+                      {"name": "a4", "model": tiny,  # a3's two branches copied into four
+                       "hydra": {"num_branches": 4, "topk": 1, "branch_width": 1.0, "init_from": "a3"}}],
         "checks": [{"name": "c1", "model": tiny, "train": {"epochs": 2, "keep_epochs": [1]}, "family": "long"},
                    {"name": "c2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}},
                     "train": {"epochs": 2}, "family": "long"}],
@@ -212,9 +214,10 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"stem from {tmp_path / 'runs' / 'b1'}; branches and gate upcycled" in err  # both at full width
     assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; branches and gate upcycled" in err
+    assert f"every part from {tmp_path / 'runs' / 'a3'}, its branches copied 4-fold" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
-        ("a3", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat"),
+        ("a3", "ablation"), ("a4", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat"),
         ("a3-s1", "repeat")]
     a1_cfg = yaml.safe_load((tmp_path / "runs" / "a1" / "config.yaml").read_text())
     assert a1_cfg["distill"]["teacher"] == str(tmp_path / "runs" / "b2")  # a named entry becomes its run folder
@@ -231,7 +234,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert result["seed_means"]["macs"] == compare_families(mean_pts("baseline"), mean_pts("hydranet"))
     assert next(r for r in result["rows"] if r["name"] == "c1")["epochs"] == 2
     total = {r["name"]: r["total_epochs"] for r in result["rows"]}  # own epochs + those of the run it started from
-    assert (total["b1"], total["h1"], total["h2"], total["a3"]) == (1, 2, 1, 2)
+    assert (total["b1"], total["h1"], total["h2"], total["a3"], total["a4"]) == (1, 2, 1, 2, 3)
     best = max(r["top1"] for r in result["rows"] if r["family"] == "baseline")
     assert result["macs"]["baseline_best_top1"] == best  # checks stay off the baseline curve
     long = [(r["macs"], r["top1"]) for r in result["rows"] if r["curve"] == "long"]

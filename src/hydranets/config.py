@@ -55,7 +55,7 @@ class HydraConfig:
     shared_path: bool = True             # the gate's features also feed the combiner, for every image (paper: off)
     balance_loss: float = 0.1            # weight of a load-balancing loss on the gate's top-k choice (0: off; paper: off)
     oracle_epochs: float = 0.0           # route by the true subtask at first, annealed to the gate over these epochs
-    init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed)
+    init_from: str | None = None         # baseline checkpoint: copy its stem stages (same widths needed); a HydraNet with fewer branches: copied whole
     branch_lr_scale: float = 1.0         # learning-rate multiplier for the branches (B/k: a branch's gradient as a dense layer's)
     branch_decay_scale: float = 1.0      # weight-decay multiplier for the branches (k/B: decay in proportion to the data seen)
     upcycle: bool | None = None          # with init_from, branches/gate at full width start as the baseline's tail (None: where widths fit)

@@ -179,9 +179,12 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
     at ``gate_width`` 1.0 (with ``shared_path``, its projection the identity and fresh branches'
     projections zero). The classifier becomes the baseline's, so the network starts as the trained one
     and specialises from there. ``None`` upcycles where the widths allow. Returns the parts upcycled.
+    A HydraNet checkpoint (fewer branches, same shape) is copied whole: see :func:`upcycle_branches`.
     """
     ckpt = load_checkpoint(resolve_checkpoint(path))
     theirs = ckpt["model"]
+    if any(k.startswith("branches.") for k in theirs):
+        return upcycle_branches(model, theirs, path)
     stages = {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")}
     problem = _misfit(model.stem, stages)
     if problem:
@@ -239,6 +242,41 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
     return parts
 
 
+def upcycle_branches(model: HydraNet, theirs: dict, path: str) -> list[str]:
+    """Start a HydraNet as a trained one of the same shape with fewer branches (sparse upcycling).
+
+    Branch ``b`` and the gate's score for it copy the source's branch ``b mod B_source``; every other
+    part is copied as is. The new network computes what its source did (each image's chosen branch is
+    a copy of the branch it ran there) and specialises its copies from that point on: e.g. a
+    one-branch network trained half the schedule, then forked into B branches for the rest.
+    """
+    src_b = 1 + max(int(k.split(".")[1]) for k in theirs if k.startswith("branches."))
+    if model.num_branches < src_b:
+        raise HydraError(f"hydra.init_from {path}: a HydraNet with {src_b} branches cannot start one with fewer "
+                         f"({model.num_branches}); use hydra.num_branches >= {src_b}")
+    head = f"gate.{len(model.gate) - 1}."
+    rows = torch.arange(model.num_branches) % src_b
+    mapped = {}
+    for key in model.state_dict():
+        if key == "membership":
+            continue
+        if key.startswith("branches."):
+            _, index, rest = key.split(".", 2)
+            mapped[key] = theirs.get(f"branches.{int(index) % src_b}.{rest}")
+        elif key.startswith(head) and key in theirs:
+            mapped[key] = theirs[key][rows]
+        else:
+            mapped[key] = theirs.get(key)
+    problem = _misfit(model, mapped, "membership", "the source")
+    unused = [k for k in theirs if k != "membership" and k not in mapped and not k.startswith("branches.")]
+    problem = problem or (f"the source's tensor {unused[0]} has no place in this one" if unused else None)
+    if problem:
+        raise HydraError(f"hydra.init_from {path}: that HydraNet does not fit this one ({problem}); "
+                         "use one of the same backbone, widths and hydra.shared_path")
+    model.load_state_dict(mapped, strict=False)
+    return ["stem", "branches", "gate", "classifier"]
+
+
 def _load_tail(module: nn.Module, mapped: dict, skip: str) -> None:
     """Load the baseline's later stages (``mapped``) into a branch or the gate, all but its head."""
     module.load_state_dict({k: mapped[k] for k in module.state_dict() if not k.startswith(skip)}, strict=False)
@@ -249,12 +287,12 @@ def _set_linear(layer: nn.Linear, weight: torch.Tensor) -> None:
     layer.bias.zero_()
 
 
-def _misfit(module: nn.Module, source: dict, skip: str | None = None) -> str | None:
+def _misfit(module: nn.Module, source: dict, skip: str | None = None, theirs: str = "the baseline") -> str | None:
     """The first of ``module``'s tensors that ``source`` lacks or has in another shape, described."""
     for k, v in module.state_dict().items():
-        if (skip is None or not k.startswith(skip)) and (k not in source or source[k].shape != v.shape):
-            return f"its tensor {k} {tuple(v.shape)} (the baseline has " + \
-                (f"{tuple(source[k].shape)})" if k in source else "none)")
+        if (skip is None or not k.startswith(skip)) and (source.get(k) is None or source[k].shape != v.shape):
+            return f"its tensor {k} {tuple(v.shape)} ({theirs} has " + \
+                (f"{tuple(source[k].shape)})" if source.get(k) is not None else "none)")
     return None
 
 
@@ -414,7 +452,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if hydra is not None and cfg.hydra.init_from and fresh:
         upcycled = init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
         if rt.is_main:
-            print(f"stem from {cfg.hydra.init_from}; " + (f"{' and '.join(upcycled)} upcycled from its last stages"
+            print(f"every part from {cfg.hydra.init_from}, its branches copied {hydra.num_branches}-fold"
+                  if "classifier" in upcycled else
+                  f"stem from {cfg.hydra.init_from}; " + (f"{' and '.join(upcycled)} upcycled from its last stages"
                   if upcycled else "branches and gate start fresh" + (
                       " (upcycling needs hydra.branch_width=1.0 or hydra.gate_width=1.0)"
                       if cfg.hydra.upcycle is None else "")), file=sys.stderr)
