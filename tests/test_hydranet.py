@@ -248,7 +248,9 @@ def test_upcycle_branches_starts_as_its_source_hydranet(tmp_path, src_b, b):
     src, path = _hydranet_checkpoint(tmp_path, num_branches=src_b, topk=1, shared_path=True)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=b, topk=1, depth=8, width=0.5, branch_width=1.0,
                          gate_width=1.0, shared_path=True)
-    assert init_stem_from(hyd, str(path)) == ["stem", "branches", "gate", "classifier"]
+    with pytest.raises(HydraError, match=r"is a HydraNet, which is copied whole, but hydra.upcycle=false"):
+        init_stem_from(hyd, str(path), upcycle=False)
+    assert init_stem_from(hyd, str(path), upcycle=None) == ["stem", "branches", "gate", "classifier"]
     hyd.eval()
     x = torch.randn(7, 3, 16, 16)
     with torch.no_grad():
@@ -270,16 +272,16 @@ def test_upcycle_branches_checks_the_shape(tmp_path):
     fewer = build_hydranet("resnet_cifar", 6, num_branches=1, topk=1, depth=8, width=0.5, branch_width=1.0,
                            gate_width=1.0, shared_path=True)
     with pytest.raises(HydraError, match=r"with 2 branches cannot start one with fewer \(1\).*num_branches >= 2"):
-        init_stem_from(fewer, str(path))
+        init_stem_from(fewer, str(path), upcycle=None)
     narrow = build_hydranet("resnet_cifar", 6, num_branches=4, topk=1, depth=8, width=0.5, branch_width=0.5,
                             gate_width=1.0, shared_path=True)
     with pytest.raises(HydraError, match=r"does not fit this one \(its tensor branches.0.0.0.body.0.0.weight "
                                          r"\(16, 16, 3, 3\) \(the source has \(32, 16, 3, 3\)\)\)"):
-        init_stem_from(narrow, str(path))
+        init_stem_from(narrow, str(path), upcycle=True)
     no_shared = build_hydranet("resnet_cifar", 6, num_branches=4, topk=1, depth=8, width=0.5, branch_width=1.0,
                                gate_width=1.0)
     with pytest.raises(HydraError, match=r"the source's tensor shared.weight has no place in this one"):
-        init_stem_from(no_shared, str(path))
+        init_stem_from(no_shared, str(path), upcycle=None)
 
 
 def test_shared_path_adds_the_gates_features_for_every_image():

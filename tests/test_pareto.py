@@ -214,7 +214,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"stem from {tmp_path / 'runs' / 'b1'}; branches and gate upcycled" in err  # both at full width
     assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; branches and gate upcycled" in err
-    assert f"every part from {tmp_path / 'runs' / 'a3'}, its branches copied 4-fold" in err
+    assert f"every part from {tmp_path / 'runs' / 'a3'}, its branches copied into this one's 4" in err
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("a3", "ablation"), ("a4", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat"),

@@ -179,11 +179,15 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
     at ``gate_width`` 1.0 (with ``shared_path``, its projection the identity and fresh branches'
     projections zero). The classifier becomes the baseline's, so the network starts as the trained one
     and specialises from there. ``None`` upcycles where the widths allow. Returns the parts upcycled.
-    A HydraNet checkpoint (fewer branches, same shape) is copied whole: see :func:`upcycle_branches`.
+    A HydraNet checkpoint (fewer branches, same shape) is copied whole (``upcycle`` True or None):
+    see :func:`upcycle_branches`.
     """
     ckpt = load_checkpoint(resolve_checkpoint(path))
     theirs = ckpt["model"]
     if any(k.startswith("branches.") for k in theirs):
+        if upcycle is False:
+            raise HydraError(f"hydra.init_from {path} is a HydraNet, which is copied whole, but hydra.upcycle=false "
+                             "asks for its stem only; drop hydra.upcycle=false, or start from a baseline")
         return upcycle_branches(model, theirs, path)
     stages = {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")}
     problem = _misfit(model.stem, stages)
@@ -452,7 +456,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if hydra is not None and cfg.hydra.init_from and fresh:
         upcycled = init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
         if rt.is_main:
-            print(f"every part from {cfg.hydra.init_from}, its branches copied {hydra.num_branches}-fold"
+            print(f"every part from {cfg.hydra.init_from}, its branches copied into this one's {hydra.num_branches}"
                   if "classifier" in upcycled else
                   f"stem from {cfg.hydra.init_from}; " + (f"{' and '.join(upcycled)} upcycled from its last stages"
                   if upcycled else "branches and gate start fresh" + (
