@@ -516,6 +516,20 @@ def test_loader_shapes_dtype_layout():
     assert x.is_contiguous()
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_loader_one_channel_layout_follows_channels_last(train):
+    """A one-channel batch is contiguous in both layouts at once; a convolution takes channels_last from its
+    strides, so with channels_last=False the batch must have the standard strides (C's = H*W)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 12, 10, 1), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)  # C's stride 1
+    ds = ImageDataset(images,
+                      torch.arange(40) % 4, [str(i) for i in range(4)], (0.5,), (0.25,))
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    x, _ = next(iter(BatchLoader(ds, 16, train=train, channels_last=False)))
+    assert x.stride() == (120, 120, 10, 1)
+    assert conv(x).is_contiguous() and not conv(x).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_loader_test_split_normalises_all_images_in_order():
     ds = loader_dataset()
     loader = BatchLoader(ds, 16, train=False)
