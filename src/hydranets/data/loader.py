@@ -43,14 +43,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
-
-
 class BatchLoader:
     """Iterates over an :class:`ImageDataset` in batches of normalised float32 images on ``device``.
 
@@ -177,10 +169,11 @@ class BatchLoader:
             x = self._cut_out(x, plan.holes[sl].to(self.device))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        elif x.stride() != _standard_strides(x.shape):
-            # one-channel images can be both layouts at once; a convolution then picks channels_last from
-            # the strides, against train.channels_last=false (and its crash guard on the CPU)
-            x = x.clone(memory_format=torch.contiguous_format)
+        else:
+            # one-channel images can be both layouts at once; a convolution would then pick channels_last from
+            # the strides, against train.channels_last=false (and its crash guard on the CPU): re-view them with
+            # the standard strides (no copy)
+            x = x.contiguous().view(-1).view(x.shape)
         return x, y
 
     def _crop_flip(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
