@@ -367,3 +367,28 @@ def test_upcycled_gate_with_shared_path_starts_as_the_baseline(tmp_path):
     assert init_stem_from(no_shared, str(path), upcycle=True) == ["gate"]  # the gate's trunk only
     torch.testing.assert_close(no_shared.gate[:-1].eval()(no_shared.stem.eval()(x)), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(no_shared.classifier.weight, fresh_fc)
+
+
+def test_shared_branch_weights_train_on_every_branchs_images():
+    torch.manual_seed(0)
+    kw = dict(num_classes=6, num_branches=3, topk=1, depth=8, width=0.5, branch_width=1.0, gate_width=1.0)
+    tied = build_hydranet("resnet_cifar", share_branch_weights=True, **kw)
+    free = build_hydranet("resnet_cifar", **kw)
+    free.load_state_dict(tied.state_dict())  # the same function, its branches' weights as separate copies
+    first = tied.branches[0]
+    for name, p in first.named_parameters():
+        is_norm = isinstance(first.get_submodule(name.rsplit(".", 1)[0]), torch.nn.BatchNorm2d)
+        assert all((p is br.get_parameter(name)) != is_norm for br in tied.branches[1:]), name
+    assert count_params(free) - count_params(tied) == 2 * sum(
+        p.numel() for m in tied.branches[0].modules() if not isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters(recurse=False))
+    x, route = torch.randn(9, 3, 16, 16), torch.tensor([[0], [1], [2]] * 3)
+    for model in (tied, free):
+        model.train()
+        model(x, route=route).square().sum().backward()
+    conv = "0.0.body.0.0.weight"  # a branch's first convolution: its gradient, summed over the branches' images
+    torch.testing.assert_close(first.get_parameter(conv).grad,
+                               sum(br.get_parameter(conv).grad for br in free.branches), rtol=1e-4, atol=1e-6)
+    norm = "0.0.body.0.1.weight"  # its normalisation stays each branch's own
+    for a, b in zip(tied.branches, free.branches):
+        torch.testing.assert_close(a.get_parameter(norm).grad, b.get_parameter(norm).grad, rtol=1e-4, atol=1e-6)

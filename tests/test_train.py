@@ -202,7 +202,8 @@ def test_hydranet_trains(tmp_path, routing, branches, topk):
     assert chosen.mean(0).tolist() == pytest.approx(rows[-1]["branch_load"], abs=0.011)
 
 
-def test_train_topk_and_shared_path(tmp_path, monkeypatch):
+def test_train_topk_shared_path_and_shared_branch_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
     import hydranets.hydranet as hydranet_mod
     part = tmp_path / "partition.json"
     Partition([[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], 10, [f"class{c}" for c in range(10)]).save(part)
@@ -217,12 +218,17 @@ def test_train_topk_and_shared_path(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(cfg_for(out, "train.epochs=1", "hydra.enabled=true", "hydra.num_branches=3", "hydra.topk=1",
                   "hydra.train_topk=2", "hydra.shared_path=true", f"hydra.partition={part}", "hydra.stem_width=0.25",
-                  "hydra.branch_width=0.25", "hydra.gate_width=0.25"))
+                  "hydra.branch_width=0.25", "hydra.gate_width=0.25", "hydra.share_branch_weights=true"))
     assert seen == {True: {2}, False: {1}}  # two branches per image in training, one in evaluation
     ckpt = load_ckpt(out)
     assert ckpt["topk"] == 1 and ckpt["model_info"]["hydra"]["shared_path"] is True
     model, _ = train_mod.load_trained(out)
     assert torch.equal(model.shared.weight, ckpt["model"]["shared.weight"]) and model.shared.weight.abs().sum() > 0
+    conv, norm = "0.0.body.0.0.weight", "0.0.body.0.1.running_mean"  # rebuilt tied, and trained that way
+    assert model.branches[2].get_parameter(conv) is model.branches[0].get_parameter(conv)
+    assert not torch.equal(model.branches[2].get_buffer(norm), model.branches[0].get_buffer(norm))
+    st = load_file(str(out / "model.safetensors"))
+    assert st.keys() == ckpt["model"].keys() and all(torch.equal(st[k], v) for k, v in ckpt["model"].items())
 
 
 def test_kept_epoch_is_the_first_window_of_the_schedule(tmp_path):

@@ -69,7 +69,8 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict | None =
         from safetensors.torch import save_file
     except ImportError:
         raise HydraError("saving safetensors needs the safetensors package: pip install 'hydranets[train]'") from None
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # copies: safetensors refuses tensors that share memory (branches with shared weights)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})

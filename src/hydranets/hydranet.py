@@ -135,7 +135,7 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
                    gate_width: float = 0.25, feature_dim: int | None = None,
                    partition: Partition | Sequence[Sequence[int]] | None = None,
                    gate_weighting: str = "sigmoid", train_routing: str = "soft", shared_path: bool = False,
-                   **backbone_kwargs) -> HydraNet:
+                   share_branch_weights: bool = False, **backbone_kwargs) -> HydraNet:
     """Turn a registered backbone into a HydraNet.
 
     The stem is the backbone's stages before ``split`` (default: before the last stage) at
@@ -145,6 +145,9 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     multipliers of the backbone's own (including its ``width`` setting). ``shared_path`` also feeds the
     gate's features to the combiner (its projection starts at zero, so a network with upcycled branches starts as
     its source; ``train.init_stem_from`` makes it the identity when it upcycles the gate instead).
+    ``share_branch_weights`` ties every branch's weights to the first branch's except its normalisation
+    layers: each convolution then learns from every image, and a branch is specialised only by the
+    statistics and affine of its own normalisation (the same MACs per image; about one branch's parameters).
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
@@ -184,7 +187,23 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     if model.shared is not None:
         nn.init.zeros_(model.shared.weight)
         nn.init.zeros_(model.shared.bias)
+    if share_branch_weights:
+        tie_branch_weights(model.branches)
     return model
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def tie_branch_weights(branches: Sequence[nn.Module]) -> None:
+    """Make every branch use the first branch's parameters, except those of its normalisation layers."""
+    first = dict(branches[0].named_modules())
+    for branch in branches[1:]:
+        for name, module in branch.named_modules():
+            if isinstance(module, _NORMS):
+                continue
+            for pname, param in list(module.named_parameters(recurse=False)):
+                setattr(module, pname, getattr(first[name], pname))
 
 
 def _preset(backbone: str, num_branches: int, topk: int, **defaults):
