@@ -382,6 +382,7 @@ def test_shared_branch_weights_train_on_every_branchs_images():
     assert count_params(free) - count_params(tied) == 2 * sum(
         p.numel() for m in tied.branches[0].modules() if not isinstance(m, torch.nn.BatchNorm2d)
         for p in m.parameters(recurse=False))
+    assert active_params(tied, 1) == active_params(free, 1) and active_params(tied, 3) == count_params(tied)
     x, route = torch.randn(9, 3, 16, 16), torch.tensor([[0], [1], [2]] * 3)
     for model in (tied, free):
         model.train()

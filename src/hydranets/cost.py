@@ -63,8 +63,10 @@ def active_params(model: nn.Module, k: int | None = None) -> int:
     if not isinstance(model, HydraNet):
         return count_params(model)
     k = model.topk if k is None else k
-    per_branch = count_params(model.branches[0])
-    return count_params(model) - (model.num_branches - k) * per_branch
+    in_branches = {id(p) for p in model.branches.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in in_branches)
+    ran = {id(p): p.numel() for branch in model.branches[:k] for p in branch.parameters()}  # once if shared
+    return rest + sum(ran.values())
 
 
 def _sync(device: torch.device) -> None:
