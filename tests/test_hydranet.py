@@ -127,6 +127,7 @@ def test_other_families_and_split():
     ({"partition": [[c, c + 4, c + 8, c + 12] for c in range(4)]}, "partition has 4 subsets but num_branches is 8"),
     ({"partition": [[c] for c in range(8)]}, "leaves out 8 class"),
     ({"partition": [[c, c + 8] for c in range(7)] + [[7, 15, 16]]}, "outside 0..15"),
+    ({"share_branch_norms": True}, "share_branch_norms ties .* set share_branch_weights too"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):
     with pytest.raises(HydraError, match=match):
@@ -393,3 +394,23 @@ def test_shared_branch_weights_train_on_every_branchs_images():
     norm = "0.0.body.0.1.weight"  # its normalisation stays each branch's own
     for a, b in zip(tied.branches, free.branches):
         torch.testing.assert_close(a.get_parameter(norm).grad, b.get_parameter(norm).grad, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_branch_norms_make_every_branch_one_network():
+    torch.manual_seed(0)
+    one = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, depth=8, width=0.5, branch_width=1.0,
+                         share_branch_weights=True, share_branch_norms=True)
+    first = one.branches[0]
+    for br in one.branches[1:]:
+        assert all(t is first.get_parameter(n) for n, t in br.named_parameters())
+        assert all(t is first.get_buffer(n) for n, t in br.named_buffers())
+    assert active_params(one, 1) == active_params(one, 3) == count_params(one)
+    one.train()
+    x = torch.randn(6, 3, 16, 16)
+    one(x, route=torch.tensor([[2]] * 6))  # the statistics that branch 2's images leave are every branch's
+    assert first.get_buffer("0.0.body.0.1.running_mean").abs().sum() > 0
+    one.eval()
+    with torch.no_grad():
+        feats = one.stem(x)
+        for br in one.branches[1:]:
+            torch.testing.assert_close(br(feats), first(feats))

@@ -59,6 +59,7 @@ class HydraConfig:
     branch_lr_scale: float = 1.0         # learning-rate multiplier for the branches (B/k: a branch's gradient as a dense layer's)
     branch_decay_scale: float = 1.0      # weight-decay multiplier for the branches (k/B: decay in proportion to the data seen)
     share_branch_weights: bool = False   # branches share all weights but their normalisation layers (each conv sees every image)
+    share_branch_norms: bool = False     # with share_branch_weights: the normalisation layers too (one network; a control)
     upcycle: bool | None = None          # with init_from, branches/gate at full width start as the baseline's tail (None: where widths fit)
 
 

@@ -135,7 +135,8 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
                    gate_width: float = 0.25, feature_dim: int | None = None,
                    partition: Partition | Sequence[Sequence[int]] | None = None,
                    gate_weighting: str = "sigmoid", train_routing: str = "soft", shared_path: bool = False,
-                   share_branch_weights: bool = False, **backbone_kwargs) -> HydraNet:
+                   share_branch_weights: bool = False, share_branch_norms: bool = False,
+                   **backbone_kwargs) -> HydraNet:
     """Turn a registered backbone into a HydraNet.
 
     The stem is the backbone's stages before ``split`` (default: before the last stage) at
@@ -148,6 +149,9 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     ``share_branch_weights`` ties every branch's weights to the first branch's except its normalisation
     layers: each convolution then learns from every image, and a branch is specialised only by the
     statistics and affine of its own normalisation (the same MACs per image; about one branch's parameters).
+    ``share_branch_norms`` ties those too, statistics included: every branch is then the same network, and
+    what is left of routing is that each branch's images are normalised as a group in training and
+    scaled by their gate scores (a control for what routing itself costs).
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
@@ -159,6 +163,9 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
         raise HydraError(f"num_branches ({num_branches}) exceeds the number of classes ({num_classes}); "
                          "each branch needs at least one class")
     _check_topk(topk, num_branches)
+    if share_branch_norms and not share_branch_weights:
+        raise HydraError("share_branch_norms ties the branches' normalisation layers on top of their weights; "
+                         "set share_branch_weights too")
     plan, n = backbone.plan, backbone.plan.num_stages
     split = n - 1 if split is None else split
     if not 1 <= split < n:
@@ -188,22 +195,25 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
         nn.init.zeros_(model.shared.weight)
         nn.init.zeros_(model.shared.bias)
     if share_branch_weights:
-        tie_branch_weights(model.branches)
+        tie_branch_weights(model.branches, norms=share_branch_norms)
     return model
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def tie_branch_weights(branches: Sequence[nn.Module]) -> None:
-    """Make every branch use the first branch's parameters, except those of its normalisation layers."""
+def tie_branch_weights(branches: Sequence[nn.Module], norms: bool = False) -> None:
+    """Make every branch use the first branch's parameters, those of its normalisation layers (and their
+    statistics) only with ``norms``."""
     first = dict(branches[0].named_modules())
     for branch in branches[1:]:
         for name, module in branch.named_modules():
-            if isinstance(module, _NORMS):
+            if isinstance(module, _NORMS) and not norms:
                 continue
-            for pname, param in list(module.named_parameters(recurse=False)):
-                setattr(module, pname, getattr(first[name], pname))
+            tensors = [n for n, _ in module.named_parameters(recurse=False)]
+            tensors += [n for n, _ in module.named_buffers(recurse=False)] if norms else []
+            for tname in tensors:
+                setattr(module, tname, getattr(first[name], tname))
 
 
 def _preset(backbone: str, num_branches: int, topk: int, **defaults):

@@ -95,7 +95,7 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
         h = cfg.hydra
         hydra = {k: getattr(h, k) for k in ("num_branches", "split", "stem_width", "branch_width", "gate_width",
                                              "feature_dim", "gate_weighting")}
-        for key in ("shared_path", "share_branch_weights"):  # only when set: older checkpoints keep their identity
+        for key in ("shared_path", "share_branch_weights", "share_branch_norms"):  # only when set: older checkpoints keep their identity
             if getattr(h, key):
                 hydra[key] = True
     return {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "num_classes": num_classes,
