@@ -427,6 +427,8 @@ def test_unknown_key_via_cli(tmp_path):
     ("train.keep_epochs=[0]", ["train.keep_epochs", "from 1 to train.epochs", "[0]"]),
     ("hydra={enabled: true, balance_loss: -0.1, gate_loss: 0}", ["hydra.balance_loss=-0.1", "must be >= 0"]),
     ("hydra={enabled: true, branch_lr_scale: 0, gate_loss: 0}", ["hydra.branch_lr_scale=0", "must be > 0"]),
+    ("hydra={enabled: true, share_branch_norms: true, gate_loss: 0}",
+     ["hydra.share_branch_norms=true", "set hydra.share_branch_weights=true too"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)

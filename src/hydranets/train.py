@@ -95,7 +95,8 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
         h = cfg.hydra
         hydra = {k: getattr(h, k) for k in ("num_branches", "split", "stem_width", "branch_width", "gate_width",
                                              "feature_dim", "gate_weighting")}
-        for key in ("shared_path", "share_branch_weights", "share_branch_norms"):  # only when set: older checkpoints keep their identity
+        # only when set: checkpoints made before these settings existed keep their identity
+        for key in ("shared_path", "share_branch_weights", "share_branch_norms"):
             if getattr(h, key):
                 hydra[key] = True
     return {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "num_classes": num_classes,
@@ -437,6 +438,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and not (h.branch_lr_scale > 0 and h.branch_decay_scale >= 0):
         raise HydraError(f"hydra.branch_lr_scale={h.branch_lr_scale} must be > 0 and hydra.branch_decay_scale="
                          f"{h.branch_decay_scale} >= 0 (1 and 1: the branches train like every other layer)")
+    if h.enabled and h.share_branch_norms and not h.share_branch_weights:
+        raise HydraError("hydra.share_branch_norms=true ties the branches' normalisation layers on top of their "
+                         "weights; set hydra.share_branch_weights=true too")
     if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.keep_epochs):
         raise HydraError(f"train.keep_epochs must list epochs from 1 to train.epochs ({t.epochs}), got {t.keep_epochs!r}")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
