@@ -43,6 +43,22 @@ def test_topk_equals_independent_computation(hydra):
             torch.testing.assert_close(out[i], hydra.classifier(hydra.norm(combined[None]))[0], rtol=1e-4, atol=1e-5)
 
 
+def test_unit_gate_weighting_sums_unscaled_branches_and_trains_the_gate_by_its_loss_only(hydra):
+    hydra.gate_weighting = "none"
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        out = hydra(x, routing="topk", topk=2, return_gate=True)
+        feats = hydra.stem(x)
+        for i in range(5):
+            combined = sum(hydra.branches[b](feats[i:i + 1])[0] for b in out.route[i].tolist())
+            torch.testing.assert_close(out.logits[i], hydra.classifier(hydra.norm(combined[None]))[0],
+                                       rtol=1e-4, atol=1e-5)
+    hydra.train()
+    hydra(x, routing="topk").sum().backward()
+    assert hydra.gate[-1].weight.grad is None or not hydra.gate[-1].weight.grad.any()
+    assert hydra.branches[int(out.route[0, 0])][-1].weight.grad.abs().sum() > 0
+
+
 def test_each_branch_runs_once_on_only_its_images(hydra):
     calls = {b: [] for b in range(B)}
     for b, branch in enumerate(hydra.branches):
@@ -128,6 +144,7 @@ def test_other_families_and_split():
     ({"partition": [[c] for c in range(8)]}, "leaves out 8 class"),
     ({"partition": [[c, c + 8] for c in range(7)] + [[7, 15, 16]]}, "outside 0..15"),
     ({"share_branch_norms": True}, "share_branch_norms ties .* set share_branch_weights too"),
+    ({"gate_weighting": "relu"}, "gate_weighting must be 'sigmoid', 'softmax' or 'none', got 'relu'"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):
     with pytest.raises(HydraError, match=match):

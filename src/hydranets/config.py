@@ -47,7 +47,7 @@ class HydraConfig:
     branch_width: float = 0.5
     gate_width: float = 1.0              # full width: with init_from, the baseline's last stage (upcycled) is the shared path
     feature_dim: int | None = None
-    gate_weighting: str = "sigmoid"      # sigmoid | softmax
+    gate_weighting: str = "sigmoid"      # sigmoid | softmax | none (branch outputs unscaled)
     partition: str | None = None         # partition JSON (hydranets partition); needed when gate_loss > 0
     gate_loss: float = 0.3               # lambda: weight of the gate's BCE against subtask membership (paper: 1)
     routing: str = "topk"                # soft | topk | oracle: routing while training (evaluation is top-k)
@@ -138,7 +138,7 @@ class Config:
 
 CHOICES = {
     "data.augment": ("crop_flip", "none"),
-    "hydra.gate_weighting": ("sigmoid", "softmax"),
+    "hydra.gate_weighting": ("sigmoid", "softmax", "none"),
     "hydra.routing": ("soft", "topk", "oracle"),
     "optim.name": ("sgd", "adamw"),
     "partition.method": ("kmeans", "spectral", "random"),

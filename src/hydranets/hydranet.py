@@ -57,8 +57,8 @@ class HydraNet(nn.Module):
         self.in_chans = in_chans
         self.num_features = classifier.in_features
         self.num_classes = classifier.out_features
-        if gate_weighting not in ("sigmoid", "softmax"):
-            raise HydraError(f"gate_weighting must be 'sigmoid' or 'softmax', got {gate_weighting!r}")
+        if gate_weighting not in ("sigmoid", "softmax", "none"):
+            raise HydraError(f"gate_weighting must be 'sigmoid', 'softmax' or 'none', got {gate_weighting!r}")
         self.gate_weighting = gate_weighting
         self.train_routing = _check_routing(train_routing)
         self.topk = topk
@@ -94,6 +94,8 @@ class HydraNet(nn.Module):
 
     def _weights(self, gate_logits: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
         scores = gate_logits if route is None else gate_logits.gather(1, route)
+        if self.gate_weighting == "none":  # unscaled outputs: the gate learns from its own losses only
+            return torch.ones_like(scores)
         return scores.sigmoid() if self.gate_weighting == "sigmoid" else scores.softmax(1)
 
     def forward(self, x: torch.Tensor, routing: str | None = None, topk: int | None = None,
