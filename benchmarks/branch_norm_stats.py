@@ -5,7 +5,7 @@
 Why: in training, each branch normalises the images routed to it as one group. A branch with its own
 normalisation layers keeps statistics of its own images; with ``hydra.share_branch_norms`` all branches
 share one set of running statistics, an average over groups that each were normalised by their own mean
-in training, so evaluation sees what training never did. This untied each branch's normalisation layers,
+in training, so evaluation sees what training never did. This unties each branch's normalisation layers,
 estimates their statistics afresh (cumulative average over training batches of the run's batch size and
 augmentation, each image routed by its gate as in evaluation; everything outside the branches keeps its
 statistics) and measures top-1 on the test set before and after. For a network whose statistics match
@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from hydranets import HydraError
 from hydranets.config import config_from_dict
 from hydranets.data import BatchLoader
 from hydranets.evaluate import evaluate
@@ -61,20 +62,24 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000, help="training images to estimate the statistics on")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{'run':>22}{'top-1 as trained':>18}{'top-1, statistics again':>25}")
     for run in args.runs:
-        model, ckpt = load_trained(run, torch.device("cpu"))
+        try:
+            model, ckpt = load_trained(run, device)
+        except HydraError as e:
+            raise SystemExit(f"error: {e}") from None
         if not isinstance(model, HydraNet):
             raise SystemExit(f"error: {run} holds a dense network; this measures HydraNets' branch statistics")
         cfg = config_from_dict(ckpt["config"])
         train_set, test_set = load_data(cfg)
 
         def test():
-            return BatchLoader(test_set, 500, train=False, prefetch=False, channels_last=False)
+            return BatchLoader(test_set, 500, train=False, device=device, prefetch=False, channels_last=False)
         before = evaluate(model, test())["top1"]
         untie_branch_norms(model)
         batches = BatchLoader(train_set, cfg.train.batch_size, train=True, augment=cfg.data.augment,
-                              prefetch=False, channels_last=False, seed=12345)
+                              device=device, prefetch=False, channels_last=False, seed=12345)
         reestimate_branch_norms(model, batches, args.images)
         after = evaluate(model, test())["top1"]
         print(f"{run.rstrip('/').split('/')[-1]:>22}{before:>18.2f}{after:>25.2f}", flush=True)

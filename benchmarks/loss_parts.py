@@ -23,12 +23,13 @@ from hydranets.train import load_data, load_trained
 
 def loss_parts(run: str, images: int, topk: int | None) -> dict[str, float]:
     """Mean cross-entropy, gate BCE and balance loss of RUN's model over its first ``images`` training images."""
-    model, ckpt = load_trained(run, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt = load_trained(run, device)
     cfg = config_from_dict(ckpt["config"])
     train_set, _ = load_data(cfg)
     sums, n = {"ce": 0.0, "gate_bce": 0.0, "balance": 0.0}, 0
     hydra = isinstance(model, HydraNet)
-    for x, y in BatchLoader(train_set, 500, train=False, device=torch.device("cpu"), prefetch=False):
+    for x, y in BatchLoader(train_set, 500, train=False, device=device, prefetch=False):
         with torch.no_grad():
             if hydra:
                 out = model(x, topk=topk, return_gate=True)
