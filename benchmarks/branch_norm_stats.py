@@ -22,6 +22,7 @@ import torch.nn as nn
 from hydranets import HydraError
 from hydranets.config import config_from_dict
 from hydranets.data import BatchLoader
+from hydranets.distributed import pick_device
 from hydranets.evaluate import evaluate
 from hydranets.hydranet import HydraNet
 from hydranets.train import load_data, load_trained
@@ -62,7 +63,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000, help="training images to estimate the statistics on")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     print(f"{'run':>22}{'top-1 as trained':>18}{'top-1, statistics again':>25}")
     for run in args.runs:
         try:
@@ -73,15 +74,13 @@ def main() -> None:
             raise SystemExit(f"error: {run} holds a dense network; this measures HydraNets' branch statistics")
         cfg = config_from_dict(ckpt["config"])
         train_set, test_set = load_data(cfg)
-
-        def test():
-            return BatchLoader(test_set, 500, train=False, device=device, prefetch=False, channels_last=False)
-        before = evaluate(model, test())["top1"]
+        test = BatchLoader(test_set, 500, train=False, device=device, prefetch=False, channels_last=False)
+        before = evaluate(model, test)["top1"]
         untie_branch_norms(model)
         batches = BatchLoader(train_set, cfg.train.batch_size, train=True, augment=cfg.data.augment,
                               device=device, prefetch=False, channels_last=False, seed=12345)
         reestimate_branch_norms(model, batches, args.images)
-        after = evaluate(model, test())["top1"]
+        after = evaluate(model, test)["top1"]
         print(f"{run.rstrip('/').split('/')[-1]:>22}{before:>18.2f}{after:>25.2f}", flush=True)
 
 

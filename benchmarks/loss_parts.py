@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hydranets.config import config_from_dict
 from hydranets.data import BatchLoader
+from hydranets.distributed import pick_device
 from hydranets.hydranet import HydraNet
 from hydranets.routing import balance_loss
 from hydranets.train import load_data, load_trained
@@ -23,7 +24,7 @@ from hydranets.train import load_data, load_trained
 
 def loss_parts(run: str, images: int, topk: int | None) -> dict[str, float]:
     """Mean cross-entropy, gate BCE and balance loss of RUN's model over its first ``images`` training images."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     model, ckpt = load_trained(run, device)
     cfg = config_from_dict(ckpt["config"])
     train_set, _ = load_data(cfg)
