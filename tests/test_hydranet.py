@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hydranets import HydraError, HydraNet, Partition, build_hydranet, create_model
+from hydranets.hydranet import GhostBatchNorm2d, ghost_branch_norms
 from hydranets.cost import active_params, count_macs, count_params, model_macs
 
 B = 8
@@ -431,3 +432,31 @@ def test_shared_branch_norms_make_every_branch_one_network():
         feats = one.stem(x)
         for br in one.branches[1:]:
             torch.testing.assert_close(br(feats), first(feats))
+
+
+def test_ghost_branch_norms_normalise_training_groups_on_their_own_and_keep_ties():
+    torch.manual_seed(0)
+    one = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, depth=8, width=0.5, branch_width=1.0,
+                         share_branch_weights=True, share_branch_norms=True)
+    x = torch.randn(8, 3, 16, 16)
+    before = one.eval()(x)
+    norms = sum(type(m) is torch.nn.BatchNorm2d for m in one.branches[0].modules())
+    assert ghost_branch_norms(one.branches, 4) == 3 * norms
+    assert not any(type(m) is torch.nn.BatchNorm2d for br in one.branches for m in br.modules())
+    assert any(type(m) is torch.nn.BatchNorm2d for m in one.stem.modules())   # the stem keeps whole batches
+    first = one.branches[0]
+    for br in one.branches[1:]:
+        assert all(t is first.get_parameter(n) for n, t in br.named_parameters())
+        assert all(t is first.get_buffer(n) for n, t in br.named_buffers())
+    torch.testing.assert_close(one(x), before)   # evaluation: plain batch norm with the same state
+
+    bn = next(m for m in first.modules() if isinstance(m, GhostBatchNorm2d)).train()
+    h = torch.randn(10, bn.num_features, 4, 4) * 3 + 1
+    out = bn(h)
+    for group in h.split(4):   # groups of 4, 4 and 2, each by its own mean and (biased) variance
+        mean, var = group.mean((0, 2, 3), keepdim=True), group.var((0, 2, 3), unbiased=False, keepdim=True)
+        expected = (group - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(out[:len(group)], expected, rtol=1e-4, atol=1e-5)
+        out = out[len(group):]
+    with pytest.raises(HydraError, match="integer >= 2"):
+        ghost_branch_norms(one.branches, 1)

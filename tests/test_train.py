@@ -208,18 +208,22 @@ def test_train_topk_shared_path_and_shared_branch_weights(tmp_path, monkeypatch)
     part = tmp_path / "partition.json"
     Partition([[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], 10, [f"class{c}" for c in range(10)]).save(part)
     seen = {True: set(), False: set()}  # branches per image, by training mode
+    ghosts = set()
     real = hydranet_mod.dispatch
 
     def spy(x, branches, route, *args):
         seen[torch.is_grad_enabled()].add(route.shape[1])
+        ghosts.update(m.group for m in branches[0].modules() if isinstance(m, hydranet_mod.GhostBatchNorm2d))
         return real(x, branches, route, *args)
 
     monkeypatch.setattr(hydranet_mod, "dispatch", spy)
     out = tmp_path / "run"
     train(cfg_for(out, "train.epochs=1", "hydra.enabled=true", "hydra.num_branches=3", "hydra.topk=1",
                   "hydra.train_topk=2", "hydra.shared_path=true", f"hydra.partition={part}", "hydra.stem_width=0.25",
-                  "hydra.branch_width=0.25", "hydra.gate_width=0.25", "hydra.share_branch_weights=true"))
+                  "hydra.branch_width=0.25", "hydra.gate_width=0.25", "hydra.share_branch_weights=true",
+                  "hydra.branch_norm_group=4"))
     assert seen == {True: {2}, False: {1}}  # two branches per image in training, one in evaluation
+    assert ghosts == {4}
     ckpt = load_ckpt(out)
     assert ckpt["topk"] == 1 and ckpt["model_info"]["hydra"]["shared_path"] is True
     model, _ = train_mod.load_trained(out)
@@ -427,6 +431,7 @@ def test_unknown_key_via_cli(tmp_path):
     ("train.keep_epochs=[0]", ["train.keep_epochs", "from 1 to train.epochs", "[0]"]),
     ("hydra={enabled: true, balance_loss: -0.1, gate_loss: 0}", ["hydra.balance_loss=-0.1", "must be >= 0"]),
     ("hydra={enabled: true, branch_lr_scale: 0, gate_loss: 0}", ["hydra.branch_lr_scale=0", "must be > 0"]),
+    ("hydra={enabled: true, branch_norm_group: 1, gate_loss: 0}", ["hydra.branch_norm_group", "integer >= 2", "got 1"]),
     ("hydra={enabled: true, share_branch_norms: true, gate_loss: 0}",
      ["hydra.share_branch_norms=true", "set hydra.share_branch_weights=true too"]),
 ])

@@ -60,6 +60,7 @@ class HydraConfig:
     branch_decay_scale: float = 1.0      # weight-decay multiplier for the branches (k/B: decay in proportion to the data seen)
     share_branch_weights: bool = False   # branches share all weights but their normalisation layers (each conv sees every image)
     share_branch_norms: bool = False     # with share_branch_weights: the normalisation layers too (one network; a control)
+    branch_norm_group: int = 0           # training only: branches normalise their images in groups of at most this many (0: off; with B=1, the groups top-1 of B hands a branch)
     upcycle: bool | None = None          # with init_from, branches/gate at full width start as the baseline's tail (None: where widths fit)
 
 

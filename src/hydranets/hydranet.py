@@ -204,6 +204,43 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that in training normalises each run of ``group`` images by its own statistics (ghost
+    batch normalisation); in evaluation it is plain batch norm, with the same state."""
+
+    def __init__(self, num_features: int, group: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.size(0) <= self.group:
+            return super().forward(x)
+        return torch.cat([super(GhostBatchNorm2d, self).forward(c) for c in x.split(self.group)])
+
+
+def ghost_branch_norms(branches: Sequence[nn.Module], group: int) -> int:
+    """Make the branches' 2-d batch norms normalise training images in groups of at most ``group``: a
+    one-branch network then sees the small groups that top-1 of B branches hands each branch (about
+    batch/B images). The new layers hold the old ones' tensors, so tied branches stay tied. Returns
+    how many layers changed."""
+    if not (isinstance(group, int) and not isinstance(group, bool) and group >= 2):
+        raise HydraError(f"the normalisation group must be an integer >= 2 (images per group), got {group!r}")
+    changed = 0
+    for branch in branches:
+        for parent in list(branch.modules()):
+            for name, bn in list(parent.named_children()):
+                if type(bn) is not nn.BatchNorm2d:
+                    continue
+                ghost = GhostBatchNorm2d(bn.num_features, group, eps=bn.eps, momentum=bn.momentum,
+                                         affine=bn.affine, track_running_stats=bn.track_running_stats)
+                for tname, _ in list(bn.named_parameters(recurse=False)) + list(bn.named_buffers(recurse=False)):
+                    setattr(ghost, tname, getattr(bn, tname))
+                ghost.train(bn.training)
+                setattr(parent, name, ghost)
+                changed += 1
+    return changed
+
+
 def tie_branch_weights(branches: Sequence[nn.Module], norms: bool = False) -> None:
     """Make every branch use the first branch's parameters, those of its normalisation layers (and their
     statistics) only with ``norms``."""

@@ -30,7 +30,7 @@ from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_
 from .config import Config, config_from_dict, save_config
 from .errors import HydraError
 from .evaluate import autocast_for, evaluate, resolve_precision
-from .hydranet import HydraNet, build_hydranet
+from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
 from .partition import Partition
 from .registry import create_model, is_model
 from .routing import balance_loss, topk_route
@@ -438,6 +438,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and not (h.branch_lr_scale > 0 and h.branch_decay_scale >= 0):
         raise HydraError(f"hydra.branch_lr_scale={h.branch_lr_scale} must be > 0 and hydra.branch_decay_scale="
                          f"{h.branch_decay_scale} >= 0 (1 and 1: the branches train like every other layer)")
+    if h.enabled and h.branch_norm_group and not (isinstance(h.branch_norm_group, int) and h.branch_norm_group >= 2):
+        raise HydraError(f"hydra.branch_norm_group must be an integer >= 2 (images per normalisation group in the "
+                         f"branches while training), got {h.branch_norm_group!r}; or 0 for whole batches")
     if h.enabled and h.share_branch_norms and not h.share_branch_weights:
         raise HydraError("hydra.share_branch_norms=true ties the branches' normalisation layers on top of their "
                          "weights; set hydra.share_branch_weights=true too")
@@ -467,6 +470,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
                   if upcycled else "branches and gate start fresh" + (
                       " (upcycling needs hydra.branch_width=1.0 or hydra.gate_width=1.0)"
                       if cfg.hydra.upcycle is None else "")), file=sys.stderr)
+    if hydra is not None and cfg.hydra.branch_norm_group:
+        ghost_branch_norms(hydra.branches, cfg.hydra.branch_norm_group)
     if t.channels_last and rt.device.type == "cpu" and (conv := channels_last_hazard(model)):
         t.channels_last = loader.channels_last = test_loader.channels_last = False
         if rt.is_main:
