@@ -206,7 +206,8 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """Batch norm that in training normalises each run of ``group`` images by its own statistics (ghost
-    batch normalisation); in evaluation it is plain batch norm, with the same state."""
+    batch normalisation), updating its running statistics once per group; in evaluation it is plain
+    batch norm, with the same state."""
 
     def __init__(self, num_features: int, group: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
