@@ -113,7 +113,8 @@ def test_eval_sweeps_topk(runs, capsys, tmp_path):
         assert float(printed_row[1]) == pytest.approx(ev["top1"], abs=0.006)
         assert float(printed_row[4]) == pytest.approx(ev["true_route_top1"], abs=0.006)
         assert float(printed_row[5]) == pytest.approx(ev["shuffled_top1"], abs=0.006)
-        assert row["images_per_s"] > 0
+        assert row["images_per_s"] > 0 and row["images_per_s_folded"] > 0
+        assert float(printed_row[9]) == pytest.approx(row["images_per_s_folded"], abs=0.5)
     # and the k the HydraNet was trained at scores what its training measured last
     summary = json.loads((runs["hydranet"] / "summary.json").read_text())
     assert rows[0]["top1"] == pytest.approx(summary["test_top1"])

@@ -145,6 +145,11 @@ def test_protocol_with_unknown_key_is_refused(tmp_path):
                                                      "checks": [{"name": "c", "hydra": {"topk": 1}}]}))
     with pytest.raises(HydraError, match="entry 'c' has hydra settings but is not a HydraNet"):
         load_protocol(tmp_path / "s.yaml")  # it would train a dense network without a word
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"protocol": "x", "base": {}, "partition_from": "a",
+                                                     "baselines": [{"name": "a"}], "hydranets": [],
+                                                     "fold_batchnorms": "yes"}))
+    with pytest.raises(HydraError, match="fold_batchnorms must be true or false, got 'yes'"):
+        load_protocol(tmp_path / "t.yaml")
 
 
 def test_repeats_take_their_members_settings(tmp_path):
@@ -283,6 +288,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
+    assert result["fold_batchnorms"] is True and "threads, timed with batch norms folded" in md.read_text()
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
     assert "The ablation family alt (a1, a3) instead of the HydraNets, against the baselines:" in md.read_text()
     assert "  - The HydraNet family against the alt family as the reference curve:\n    - Iso-accuracy saving in MACs " \

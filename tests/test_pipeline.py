@@ -103,6 +103,7 @@ def test_pipeline_writes_every_file(finished):
 def test_pipeline_eval_rows(finished):
     ev = json.loads((finished["out"] / "eval.json").read_text())
     assert ev["dataset"] == "synthetic" and ev["num_classes"] == 10 and ev["class_names"] == CLASSES
+    assert ev["fold_batchnorms"] is True  # timed as deployed
     rows = ev["rows"]
     assert [(r["name"], r["k"]) for r in rows] == [("baseline", None)] + [("hydranet", k)
                                                                           for k in range(1, BRANCHES + 1)]
@@ -175,6 +176,7 @@ def test_report_inlines_every_plot(finished):
     for p in pngs:
         assert base64.b64encode(p.read_bytes()).decode() in inlined, p.name
     assert "<img" in html and 'src="plots/' not in html  # self-contained
+    assert "Images/s with batch norms folded into the convolutions (as deployed)." in html
 
 
 # ---------------------------------------------------------------- resumption

@@ -35,6 +35,7 @@ def cmd_eval(args) -> None:
     from .distributed import pick_device
     from .evaluate import evaluate
     from .hydranet import HydraNet
+    from .inference import fold_batchnorms
     from .train import load_data, load_trained
     device = pick_device(args.device)
     model, ckpt = load_trained(args.run, device)
@@ -50,6 +51,7 @@ def cmd_eval(args) -> None:
     if not hydra and args.topk:
         raise HydraError(f"{args.run} is a {ckpt['model_info']['name']} baseline; --topk is for HydraNets")
     rows, candidates = [], {}
+    folded, _ = fold_batchnorms(model)
     for k in ks:
         kw = {"topk": k} if hydra else {}
         ev = evaluate(model, batches, topk=k, precision=cfg.train.precision, true_route=hydra, shuffled_branches=hydra)
@@ -57,18 +59,23 @@ def cmd_eval(args) -> None:
                      "true_route_top1": ev.get("true_route_top1"), "shuffled_top1": ev.get("shuffled_top1"),
                      "macs": model_macs(model, size, **kw), "active_params": active_params(model, k)})
         candidates[str(k)] = (model, kw)
+        candidates[f"{k} folded"] = (folded, kw)
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
                           autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
                           images=first_images(batches, args.speed_batch))
     print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
     print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'true route':>12}{'shuffled':>10}{'MMACs':>9}"
-          f"{'params(M)':>11}{'images/s':>10}")
-    for r, key in zip(rows, candidates):
-        r["images_per_s"] = speed[key]["images_per_s"]
+          f"{'params(M)':>11}{'images/s':>10}{'folded':>8}")
+    for r, k in zip(rows, ks):
+        r["images_per_s"] = speed[str(k)]["images_per_s"]
+        r["images_per_s_folded"] = speed[f"{k} folded"]["images_per_s"]
         recall, true_route, shuffled = (f"{r[c]:.{d}f}" if r[c] is not None else "-" for c, d in
                                         (("gate_recall", 1), ("true_route_top1", 2), ("shuffled_top1", 2)))
         print(f"{r['k'] or '-':>3}{r['top1']:>8.2f}{r['top5']:>8.2f}{recall:>13}{true_route:>12}{shuffled:>10}"
-              f"{r['macs'] / 1e6:>9.2f}{r['active_params'] / 1e6:>11.3f}{r['images_per_s']:>10.0f}")
+              f"{r['macs'] / 1e6:>9.2f}{r['active_params'] / 1e6:>11.3f}{r['images_per_s']:>10.0f}"
+              f"{r['images_per_s_folded']:>8.0f}")
+    print(f"images/s at batch {args.speed_batch}: as trained, and folded (batch norms folded into the convolutions "
+          "before them, hydranets.fold_batchnorms: the same outputs, as deployed)")
     if hydra:
         print("true route: top-1 with each image's true subtask among its k branches (a perfect gate); shuffled: "
               "top-1 with each chosen branch replaced by the next one (near top-1: routing adds nothing)")

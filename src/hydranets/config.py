@@ -119,6 +119,7 @@ class PipelineConfig:
     distill: float = 0.0                 # weight of distillation from the baseline (0: off)
     speed_batch: int = 256               # batch size for the measured images/s
     speed_repeats: int = 5
+    fold_batchnorms: bool = True         # time the models with batch norms folded into convolutions, as deployed
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import HydraError
 from .hydranet import HydraNet
+from .inference import fold_batchnorms
 
 
 def _module_device(model: nn.Module) -> torch.device:
@@ -77,7 +78,7 @@ def _sync(device: torch.device) -> None:
 def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tuple[int, ...],
                   batch_size: int, repeats: int = 10, warmup: int = 2, min_time: float = 0.05,
                   autocast: torch.dtype | None = None, channels_last: bool = True,
-                  images: torch.Tensor | None = None) -> dict[str, dict]:
+                  images: torch.Tensor | None = None, fold: bool = False) -> dict[str, dict]:
     """Images/s of several models, timed side by side in interleaved rounds; medians over ``repeats``.
 
     ``candidates`` maps a name to ``(model, forward_kwargs)``. Each round times every candidate once,
@@ -85,6 +86,8 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
     to last ``min_time`` seconds. ``images`` times real inputs instead of random ones (the first
     ``batch_size``, repeated if there are fewer): a trained HydraNet's gate sends random images to
     fewer branches than real ones (4-5 of 8 against 8 of 8 on tin100-cpu), so fewer, larger calls.
+    ``fold`` times each model with its batch norms folded into its convolutions (as deployed; the same
+    outputs, see :func:`hydranets.fold_batchnorms`) instead of as trained.
     """
     if images is None:
         x_cpu = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
@@ -93,9 +96,13 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
                          f"{tuple(images.shape)}")
     else:
         x_cpu = images.repeat((-(-batch_size // len(images)),) + (1,) * len(input_size))[:batch_size]
-    prepared = {}
+    prepared, folded = {}, {}
     for name, (model, kwargs) in candidates.items():
         model.eval()
+        if fold:
+            if id(model) not in folded:
+                folded[id(model)] = fold_batchnorms(model)[0]
+            model = folded[id(model)]
         device = _module_device(model)
         x = x_cpu.to(device)
         if channels_last and x.dim() == 4:

@@ -28,7 +28,7 @@ from .pipeline import _device, compute_partition
 from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
 
 PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
-                 "checks", "repeats", "speed_batches", "speed_repeats"}
+                 "checks", "repeats", "speed_batches", "speed_repeats", "fold_batchnorms"}
 
 
 def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -45,6 +45,8 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
     for key in ("protocol", "base", "baselines", "hydranets", "partition_from"):
         if key not in proto:
             raise HydraError(f"protocol {path} lacks {key!r}")
+    if not isinstance(proto.get("fold_batchnorms", True), bool):
+        raise HydraError(f"protocol {path}: fold_batchnorms must be true or false, got {proto['fold_batchnorms']!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
     expand_repeats(proto, path)
     check_entries(proto, path)
@@ -388,15 +390,17 @@ def evaluate_protocol(proto: dict) -> dict:
             raise HydraError(f"no {family} of protocol {proto['protocol']} has finished training; train them first "
                              "(run without --eval-only)")
     speed_batches = proto.get("speed_batches", [256, 1])
+    fold = proto.get("fold_batchnorms", True)
     images = first_images(batches, max(speed_batches))
     for bs in speed_batches:
         speed = compare_speed(candidates, size, bs, repeats=proto.get("speed_repeats", 5),
-                              autocast=torch.bfloat16 if precision == "bf16" else None, images=images)
+                              autocast=torch.bfloat16 if precision == "bf16" else None, images=images, fold=fold)
         for r in rows:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
               "device": str(device), "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "test_images": len(test_set), "rows": rows, "not_run": not_run,
+              "threads": torch.get_num_threads(), "fold_batchnorms": fold, "test_images": len(test_set), "rows": rows,
+              "not_run": not_run,
               "missing_members": missing}
     hydra = [r for r in rows if r["family"] == "hydranet"]
     baseline = [r for r in rows if r["family"] == "baseline"]
@@ -596,6 +600,7 @@ def markdown_table(result: dict) -> str:
     if result.get("missing_members"):
         lines.append(f"- **Family members not trained** (the families are compared without them): "
                      f"{', '.join(result['missing_members'])}")
+    timed = {True: ", timed with batch norms folded", False: ", timed as trained (batch norms not folded)"}
     lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
-                 f"torch {result['torch']}, {result['threads']} threads")
+                 f"torch {result['torch']}, {result['threads']} threads{timed.get(result.get('fold_batchnorms'), '')}")
     return "\n".join(lines) + "\n"

@@ -22,7 +22,8 @@ from .partition import Partition, class_mean_outputs, format_partition, make_par
 from .train import kept_checkpoint, load_data, load_trained, train
 
 # Settings that may change between a pipeline run and its resumption.
-_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats")}
+_FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats"),
+         ("pipeline", "fold_batchnorms")}
 
 
 def stage_configs(cfg: Config) -> tuple[Config, Config]:
@@ -136,11 +137,12 @@ def evaluate_models(cfg: Config, runs: dict[str, Path]) -> dict:
                 routing = {"k": k, "matrix": ev.get("routing_matrix"), "load": ev["branch_load"]}
     speed = compare_speed(candidates, size, cfg.pipeline.speed_batch, repeats=cfg.pipeline.speed_repeats,
                           autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
-                          images=first_images(batches, cfg.pipeline.speed_batch))
+                          images=first_images(batches, cfg.pipeline.speed_batch), fold=cfg.pipeline.fold_batchnorms)
     for row in rows:
         row["images_per_s"] = speed[row.pop("label")]["images_per_s"]
     return {"dataset": cfg.data.name, "num_classes": len(test_set.classes), "class_names": test_set.classes,
-            "speed_batch": cfg.pipeline.speed_batch, "device": str(device), "rows": rows, "routing": routing}
+            "speed_batch": cfg.pipeline.speed_batch, "fold_batchnorms": cfg.pipeline.fold_batchnorms,
+            "device": str(device), "rows": rows, "routing": routing}
 
 
 def save_samples(cfg: Config, path: Path, per_class: int = 6) -> None:

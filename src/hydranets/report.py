@@ -229,7 +229,7 @@ def _missing_section(heading: str, why: str) -> str:
     return f"<section><h2>{_e(heading)}</h2>\n<p class=\"missing\">Omitted: {_e(why)}</p></section>"
 
 
-def _eval_table(rows: list[dict]) -> str:
+def _eval_table(rows: list[dict], folded: bool | None = None) -> str:
     head = ["name", "model", "k", "top-1 (%)", "top-5 (%)", "MMACs / image", "params (M)", "images/s"]
     body = []
     for r in rows:
@@ -237,8 +237,10 @@ def _eval_table(rows: list[dict]) -> str:
                  _fmt(r["top1"]), _fmt(r.get("top5")), _fmt(r["macs"], 1e6), _fmt(r.get("params"), 1e6, 3),
                  _fmt(r.get("images_per_s"), 1.0, 0)]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    timed = {True: " Images/s with batch norms folded into the convolutions (as deployed).",
+             False: " Images/s of the models as trained (batch norms not folded)."}.get(folded, "")
     return ("<section><h2>Evaluation</h2>\n<p class=\"cap\">Test-set accuracy and the cost of what runs per "
-            "image; k is the number of branches the HydraNet runs.</p>\n<table><thead><tr>"
+            f"image; k is the number of branches the HydraNet runs.{timed}</p>\n<table><thead><tr>"
             + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>\n" + "\n".join(body)
             + "\n</tbody></table></section>")
 
@@ -436,7 +438,7 @@ def write_report(run_dir: str | Path) -> Path:
     names = ev["class_names"] or (part.class_names if part and part.class_names else [str(c) for c in range(n)])
     images = _read_samples(run / "samples.npz", n) if (run / "samples.npz").is_file() else None
 
-    sections = [_eval_table(ev["rows"]), _pareto_section(ev, plots)]
+    sections = [_eval_table(ev["rows"], ev.get("fold_batchnorms")), _pareto_section(ev, plots)]
     if part is None:
         sections.append(_missing_section("Subtasks", "partition.json not found."))
     else:

@@ -1,0 +1,106 @@
+"""Batch norms folded into convolutions: the same function, fewer layers, the model left as it was."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hydranets import build_hydranet, create_model, fold_batchnorms
+from hydranets.hydranet import ghost_branch_norms
+
+
+def _trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random batch-norm statistics and affines, as training leaves them (fresh ones are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(type(m) is kind for m in model.modules())
+
+
+@pytest.mark.parametrize("name, kwargs, size, pairs", [
+    # ResNet-8: the stem's conv, two per block (3 blocks), the two downsampling shortcuts
+    ("resnet_cifar", {"depth": 8, "width": 0.5}, 16, 1 + 2 * 3 + 2),
+    # ResSep: the input block's conv and separable conv (1 + 2), then per stage a block of two separable convs (4)
+    # and its shortcut
+    ("ressep", {"widths": (8, 16), "depth": 1}, 32, 3 + 2 * (4 + 1)),
+    # DenseNet-BC: only the bottleneck's 1x1 conv is followed by a batch norm (BN-ReLU-conv elsewhere)
+    ("densenet_bc", {"depth": 10, "growth": 4}, 16, 3),
+])
+def test_folded_backbones_compute_the_same_logits(name, kwargs, size, pairs):
+    torch.manual_seed(0)
+    model = _trained_looking(create_model(name, num_classes=10, **kwargs))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, count = fold_batchnorms(model)
+    x = torch.randn(6, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert count == pairs
+    assert _count(folded, nn.BatchNorm2d) == _count(model, nn.BatchNorm2d) - count
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not folded.training
+
+
+def test_folded_resnet_has_no_batch_norm_left_and_runs_channels_last():
+    model = _trained_looking(create_model("resnet_cifar", num_classes=10, depth=8, width=0.5))
+    folded, _ = fold_batchnorms(model)
+    assert _count(folded, nn.BatchNorm2d) == 0
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(folded.to(memory_format=torch.channels_last)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"share_branch_weights": True}])
+def test_folded_hydranet_routes_and_scores_as_before(kwargs):
+    torch.manual_seed(0)
+    model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=2, depth=8, width=0.5, shared_path=True,
+                           partition=[[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], **kwargs)
+    ghost_branch_norms(model.branches, 4)  # evaluation-time plain batch norms: folded like the others
+    model = _trained_looking(model, seed=1)
+    with torch.no_grad():
+        model.shared.weight.normal_()
+    folded, count = fold_batchnorms(model)
+    # stem: the init conv, stage 1 (2), stage 2 (2 + a shortcut); the gate and each of the 3 branches: stage 3 (3)
+    assert count == 6 + 3 * (1 + 3)
+    x = torch.randn(12, 3, 16, 16)
+    with torch.no_grad():
+        want, got = model(x, return_gate=True), folded(x, return_gate=True)
+        assert torch.equal(want.route, got.route)
+        assert torch.allclose(got.gate_logits, want.gate_logits, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(folded(x[:1]), model(x[:1]), atol=1e-4, rtol=1e-4)  # batch-1 path
+
+
+def test_batch_norm_without_running_statistics_is_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+    folded, count = fold_batchnorms(model)
+    assert count == 0 and _count(folded, nn.BatchNorm2d) == 1
+
+
+def test_compare_speed_times_each_model_folded_once(monkeypatch):
+    import hydranets.cost as cost
+    model = _trained_looking(create_model("resnet_cifar", num_classes=10, depth=8, width=0.5))
+    folds, timed = [], []
+
+    def spy(m):
+        folded, n = fold_batchnorms(m)
+        folds.append(m)
+        forward = folded.forward
+        folded.forward = lambda x, **kw: timed.append(folded) or forward(x, **kw)
+        return folded, n
+
+    monkeypatch.setattr(cost, "fold_batchnorms", spy)
+    speed = cost.compare_speed({"a": (model, {}), "b": (model, {})}, (3, 16, 16), 4, repeats=2, fold=True)
+    assert folds == [model] and timed and all(m is not model for m in timed)
+    assert set(speed) == {"a", "b"} and all(s["images_per_s"] > 0 for s in speed.values())
+    folds.clear()
+    cost.compare_speed({"a": (model, {})}, (3, 16, 16), 4, repeats=1)
+    assert folds == []  # as trained unless asked
