@@ -1,13 +1,14 @@
 """Images/s of trained models as trained and with their batch norms folded, side by side, and what folding
 does to a HydraNet family's measured time saving.
 
-    python benchmarks/fold_speed.py --baselines RUN [RUN ...] --hydranets RUN [RUN ...] [--batch-sizes 256,1]
+    python benchmarks/fold_speed.py --baselines RUN [RUN ...] --hydranets RUN [RUN ...] [--controls RUN [RUN ...]]
 
 Every run is evaluated on its test set (top-1 of the model as trained and of its folded copy) and
 timed on the same real test images in interleaved rounds (medians of ``--repeats``). The families are
 then compared as ``hydranets bench pareto`` compares them: the time at the best baseline's top-1,
 interpolated along each family's frontier of (seconds/image, top-1), once with the times as trained
-and once folded.
+and once folded; ``--controls`` is a second family compared with the baselines the same way (e.g. the
+HydraNets' one-branch control).
 """
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baselines", nargs="+", required=True, help="finished dense run folders")
     ap.add_argument("--hydranets", nargs="*", default=[], help="finished HydraNet run folders")
+    ap.add_argument("--controls", nargs="*", default=[], help="a second family compared with the baselines")
     ap.add_argument("--batch-sizes", default="256,1")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     device = pick_device("auto")
-    runs = {run: "baseline" for run in args.baselines} | {run: "hydranet" for run in args.hydranets}
+    runs = {run: "baseline" for run in args.baselines} | {run: "hydranet" for run in args.hydranets} \
+        | {run: "control" for run in args.controls}
     models = {run: load_trained(run, device) for run in runs}
     cfg = config_from_dict(next(iter(models.values()))[1]["config"])
     _, test_set = load_data(cfg)
@@ -64,15 +67,16 @@ def main() -> None:
             r[bs] = (trained, folded)
             print(f"{Path(run).name:<24}{r['family']:>10}{r['pairs']:>8}{r['top1']:>8.2f}{r['top1_folded']:>8.2f}"
                   f"{trained:>10.0f}{folded:>9.0f}{folded / trained:>9.2f}x")
-        if not args.hydranets:
-            continue
-        for i, how in enumerate(("as trained", "folded")):
-            fam = {f: [(1.0 / r[bs][i], r["top1"]) for r in rows.values() if r["family"] == f]
-                   for f in ("baseline", "hydranet")}
-            comp = compare_families(fam["baseline"], fam["hydranet"])
-            saving = comp["iso_accuracy_saving"]
-            print(f"time saving at the best baseline's top-1 ({comp['baseline_best_top1']:.2f}%), {how}: "
-                  + (f"{saving:.2f}x" if saving else "not reached"))
+        for family in ("hydranet", "control"):
+            for i, how in enumerate(("as trained", "folded")):
+                fam = {f: [(1.0 / r[bs][i], r["top1"]) for r in rows.values() if r["family"] == f]
+                       for f in ("baseline", family)}
+                if not fam[family]:
+                    continue
+                comp = compare_families(fam["baseline"], fam[family])
+                saving = comp["iso_accuracy_saving"]
+                print(f"{family} family: time saving at the best baseline's top-1 ({comp['baseline_best_top1']:.2f}%), "
+                      f"{how}: " + (f"{saving:.2f}x" if saving else "not reached"))
 
 
 if __name__ == "__main__":
