@@ -1,5 +1,19 @@
-"""Assertions shared by the CLI, training and pipeline tests."""
+"""Assertions and runners shared by the CLI, training, pipeline and predict tests."""
 from pathlib import Path
+
+from hydranets.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``hydranets ARGV`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def one_error_line(err: str, *words: str) -> str:

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from hydranets import Partition, list_models
-from hydranets.cli import build_parser, main
+from hydranets.cli import build_parser
 from hydranets.config import load_config
 from hydranets.data import BatchLoader
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import evaluate
 from hydranets.train import load_trained, train
-from helpers import one_error_line
+from helpers import one_error_line, run_cli as run
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.5}",
         "data.augment=none", "optim.lr=0.2", "optim.warmup_epochs=0", "train.epochs=3", "train.batch_size=32",
@@ -27,22 +27,10 @@ BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 
         "train.threads=1"]
 CLASSES = [f"class{c}" for c in range(10)]
 SPEED = ["--repeats", "1", "--speed-batch", "32", "--batch-size", "64", "--device", "cpu"]
-SUBCOMMANDS = ("train", "pipeline", "eval", "partition", "report", "models")
+SUBCOMMANDS = ("train", "pipeline", "eval", "predict", "partition", "report", "models")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """``hydranets ARGV`` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

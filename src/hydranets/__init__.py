@@ -5,11 +5,11 @@ Wide networks of class-specialised branches, of which only the top-k chosen by a
 from . import models  # noqa: F401  (registers the backbone families)
 from .errors import HydraError
 from .hydranet import HydraNet, HydraOutput, build_hydranet
-from .inference import fold_batchnorms
+from .inference import fold_batchnorms, load_model, predict
 from .models import Backbone
 from .partition import Partition
 from .registry import create_model, is_model, list_models, register_model
 
 __version__ = "0.1.0"
 __all__ = ["Backbone", "HydraError", "HydraNet", "HydraOutput", "Partition", "build_hydranet", "create_model",
-           "fold_batchnorms", "is_model", "list_models", "register_model", "__version__"]
+           "fold_batchnorms", "is_model", "list_models", "load_model", "predict", "register_model", "__version__"]

@@ -75,3 +75,24 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict | None =
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
+
+
+def load_safetensors(path: str | Path) -> dict:
+    """A ``model.safetensors`` written by :func:`save_safetensors` as a checkpoint-like dict: ``model`` (the
+    weights) and its metadata (``model_info``, ``config``, ``inputs``), decoded."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise HydraError("reading safetensors needs the safetensors package: pip install 'hydranets[train]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise HydraError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception as e:  # noqa: BLE001  (a damaged file raises several kinds)
+        raise HydraError(f"weights file {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if "model_info" not in meta:
+        raise HydraError(f"{path} has no hydranets metadata (model_info); it was not written by hydranets")
+    return {"model": state, **meta}

@@ -1,4 +1,4 @@
-"""The ``hydranets`` command line: train, eval, partition, pipeline, report, bench, models."""
+"""The ``hydranets`` command line: train, eval, predict, partition, pipeline, report, bench, models."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,26 @@ def cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
+def cmd_predict(args) -> None:
+    from .data.inputs import image_files, read_images
+    from .inference import load_model, predict
+    model = load_model(args.run, args.device, fold=not args.no_fold)
+    files = image_files(args.images)
+    if args.batch_size < 1:
+        raise HydraError(f"--batch-size must be at least 1, got {args.batch_size}")
+    rows = []
+    for start in range(0, len(files), args.batch_size):  # read a batch at a time: a folder may hold many images
+        chunk = files[start:start + args.batch_size]
+        for f, row in zip(chunk, predict(model, read_images(chunk, model.input_spec), args.top, args.batch_size)):
+            row = {"image": str(f), **row}
+            rows.append(row)
+            guesses = ", ".join(f"{c} {p:.1%}" for c, p in zip(row["classes"], row["probs"]))
+            routed = f"  [branch {' '.join(map(str, row['branches']))}]" if "branches" in row else ""
+            print(f"{f}: {guesses}{routed}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def cmd_partition(args) -> None:
     from .config import config_from_dict
     from .partition import format_partition
@@ -157,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the rows to this file")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify image files with a trained model (its most likely classes)")
+    p.add_argument("run", help="run folder, checkpoint file or model.safetensors")
+    p.add_argument("images", nargs="+", help="image files (.jpg/.jpeg/.png) or folders of them")
+    p.add_argument("--top", type=int, default=5, help="classes to list per image")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-fold", action="store_true", help="run the model as trained (default: batch norms folded)")
+    p.add_argument("--json", help="also write the predictions to this file")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("partition", help="subtasks from a trained baseline run")
     p.add_argument("run", help="baseline run folder or checkpoint")

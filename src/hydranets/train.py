@@ -25,9 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_checkpoint, load_state,
-                         save_safetensors)
+from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_checkpoint, load_safetensors,
+                         load_state, save_safetensors)
 from .config import Config, config_from_dict, save_config
+from .data.inputs import InputSpec
 from .errors import HydraError
 from .evaluate import autocast_for, evaluate, resolve_precision
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
@@ -62,24 +63,27 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     return train_set, test_set
 
 
-def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterable, list[str], int]:
-    """Training and test batches on the run's device, the class names and the input channels."""
+def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterable, InputSpec]:
+    """Training and test batches on the run's device, and what the model will expect of an image."""
     from .data import BatchLoader
     t, d = cfg.train, cfg.data
     per_rank = t.batch_size // rt.world_size
     if d.name == "imagefolder":
-        from .data.imagefolder import FolderBatches
+        from .data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, FolderBatches
         if d.root is None:
             raise HydraError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
         common = dict(image_size=d.image_size, workers=d.workers, device=rt.device, channels_last=t.channels_last)
         train_b = FolderBatches(d.root, "train", per_rank, True, seed=t.seed, rank=rt.rank, world_size=rt.world_size,
                                 **common)
-        return train_b, FolderBatches(d.root, "val", t.eval_batch_size, False, **common), train_b.classes, 3
+        spec = InputSpec(train_b.classes, list(IMAGENET_MEAN), list(IMAGENET_STD), round(d.image_size * RESIZE_RATIO),
+                         d.image_size)
+        return train_b, FolderBatches(d.root, "val", t.eval_batch_size, False, **common), spec
     train_set, test_set = load_data(cfg)
     train_b = BatchLoader(train_set, per_rank, train=True, seed=t.seed, device=rt.device, augment=d.augment,
                           cutout=d.cutout, rank=rt.rank, world_size=rt.world_size, channels_last=t.channels_last)
     test_b = BatchLoader(test_set, t.eval_batch_size, train=False, device=rt.device, channels_last=t.channels_last)
-    return train_b, test_b, train_set.classes, train_set.images.shape[1]
+    size = test_set.images.shape[-1]
+    return train_b, test_b, InputSpec(train_set.classes, list(train_set.mean), list(train_set.std), size, size)
 
 
 def _subset(ds, n: int, seed: int):
@@ -327,12 +331,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """A trained model from a run folder or checkpoint, with its checkpoint dict."""
+    """A trained model in eval mode from a run folder, a checkpoint or a ``model.safetensors``, with its
+    checkpoint dict (for safetensors: the weights and the metadata written with them)."""
     file = resolve_checkpoint(path)
-    ckpt = load_checkpoint(file)
+    ckpt = load_safetensors(file) if file.suffix == ".safetensors" else load_checkpoint(file)
     info = ckpt["model_info"]
     part = Partition.from_dict(ckpt["partition"]) if ckpt.get("partition") else None
-    model = build_model(info, part, topk=ckpt.get("topk", 1))
+    topk = ckpt.get("topk", ckpt.get("config", {}).get("hydra", {}).get("topk", 1))
+    model = build_model(info, part, topk=topk)
     load_state(model, ckpt["model"], file)
     return model.to(device).eval(), ckpt
 
@@ -454,10 +460,10 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
 
-    loader, test_loader, classes, in_chans = make_loaders(cfg, rt)
-    num_classes = len(classes)
-    partition = load_partition(cfg, classes)
-    info = model_info(cfg, num_classes, in_chans)
+    loader, test_loader, spec = make_loaders(cfg, rt)
+    num_classes = len(spec.classes)
+    partition = load_partition(cfg, spec.classes)
+    info = model_info(cfg, num_classes, spec.in_chans)
     model = build_model(info, partition, cfg.hydra.topk)
     hydra = model if isinstance(model, HydraNet) else None
     fresh = not (resume and (out / CHECKPOINT).exists())
@@ -515,6 +521,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         net = torch.compile(net)
     writer = _tensorboard(out) if t.tensorboard and rt.is_main else None
 
+    about = {"config": cfg.to_dict(), "model_info": info, "topk": cfg.hydra.topk, "inputs": spec.to_dict(),
+             "partition": partition.to_dict() if partition is not None else None}  # what loading the weights needs
     for epoch in range(start_epoch, t.epochs):
         loader.set_epoch(epoch)
         stats = train_one_epoch(cfg, net, model, hydra, teacher, loader, optimizer, scaler, epoch, total_steps, rt)
@@ -525,9 +533,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
             if hydra is not None:
                 row.update({"gate_recall": ev.get("gate_recall"), "branch_load": ev["branch_load"]})
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1, "rng": {"cpu": torch.get_rng_state()}, "config": cfg.to_dict(),
-                    "model_info": info, "topk": cfg.hydra.topk,
-                    "partition": partition.to_dict() if partition is not None else None}
+                    "epoch": epoch + 1, "rng": {"cpu": torch.get_rng_state()}, **about}
             atomic_save(ckpt, out / CHECKPOINT)
             if epoch + 1 in t.keep_epochs:
                 atomic_save(ckpt, out / kept_checkpoint(epoch + 1))
@@ -541,7 +547,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
 
     summary = {}
     if rt.is_main:
-        save_safetensors(model, out / "model.safetensors", {"model_info": info, "config": cfg.to_dict()})
+        save_safetensors(model, out / "model.safetensors", about)
         last = read_metrics(out)[-1] if t.epochs else {}
         summary = {"finished": True, "epochs": t.epochs, "model": cfg.model.name, "hydra": cfg.hydra.enabled,
                    "num_classes": num_classes, "world_size": rt.world_size, **{k: v for k, v in last.items()

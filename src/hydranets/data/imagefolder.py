@@ -113,17 +113,20 @@ class ImageFolderDataset(Dataset):
         return out
 
     def _test_crop(self, im: Any) -> Any:
-        w, h = im.size
-        shorter = round(self.image_size * RESIZE_RATIO)
-        if w <= h:
-            nw, nh = shorter, max(shorter, round(h * shorter / w))
-        else:
-            nw, nh = max(shorter, round(w * shorter / h)), shorter
-        image = _pil()
-        im = im.resize((nw, nh), image.Resampling.BILINEAR)
-        left = (nw - self.image_size) // 2
-        top = (nh - self.image_size) // 2
-        return im.crop((left, top, left + self.image_size, top + self.image_size))
+        return resize_center_crop(im, round(self.image_size * RESIZE_RATIO), self.image_size)
+
+
+def resize_center_crop(im: Any, shorter: int, size: int) -> Any:
+    """A Pillow image with its shorter side resized to ``shorter`` (bilinear), then its centre ``size`` x ``size``."""
+    w, h = im.size
+    if w <= h:
+        nw, nh = shorter, max(shorter, round(h * shorter / w))
+    else:
+        nw, nh = max(shorter, round(w * shorter / h)), shorter
+    im = im.resize((nw, nh), _pil().Resampling.BILINEAR)
+    left = (nw - size) // 2
+    top = (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
 
 
 def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image_size: int = 224, workers: int = 4,
