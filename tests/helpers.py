@@ -1,7 +1,14 @@
 """Assertions and runners shared by the CLI, training, pipeline and predict tests."""
+import contextlib
+import io
 from pathlib import Path
 
+import torch
+
+from hydranets import Partition
 from hydranets.cli import main
+from hydranets.config import load_config
+from hydranets.train import train
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -30,3 +37,19 @@ def one_error_line(err: str, *words: str) -> str:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes: to show that nothing was changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_pair(root: Path, overrides: list[str], subsets: list[list[int]], classes: list[str]) -> dict[str, Path]:
+    """A baseline and a top-1 HydraNet with ``subsets`` as its (random) subtasks, trained quietly into ``root``."""
+    part = root / "subtasks.json"
+    Partition(subsets, len(classes), classes, "random").save(part)
+    n = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            train(load_config(overrides=[*overrides, f"out={root / 'baseline'}"]))
+            train(load_config(overrides=[*overrides, f"out={root / 'hydranet'}", "hydra.enabled=true",
+                                         f"hydra.num_branches={len(subsets)}", "hydra.topk=1",
+                                         f"hydra.partition={part}"]))
+    finally:
+        torch.set_num_threads(n)
+    return {"baseline": root / "baseline", "hydranet": root / "hydranet"}

@@ -1,8 +1,6 @@
 """The ``hydranets`` command line: models, eval, partition, report, train errors and --help."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -10,16 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hydranets import Partition, list_models
 from hydranets.cli import build_parser
-from hydranets.config import load_config
 from hydranets.data import BatchLoader
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import evaluate
-from hydranets.train import load_trained, train
-from helpers import one_error_line, run_cli as run
+from hydranets.train import load_trained
+from helpers import one_error_line, run_cli as run, train_pair
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.5}",
         "data.augment=none", "optim.lr=0.2", "optim.warmup_epochs=0", "train.epochs=3", "train.batch_size=32",
@@ -36,18 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A trained baseline and a trained HydraNet (2 branches, random subtasks, trained at k=1)."""
-    root = tmp_path_factory.mktemp("cli")
-    part = root / "subtasks.json"
-    Partition([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], 10, CLASSES, "random").save(part)
-    n = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            train(load_config(overrides=[*BASE, f"out={root / 'baseline'}"]))
-            train(load_config(overrides=[*BASE, f"out={root / 'hydranet'}", "hydra.enabled=true",
-                                         "hydra.num_branches=2", "hydra.topk=1", f"hydra.partition={part}"]))
-    finally:
-        torch.set_num_threads(n)
-    return {"baseline": root / "baseline", "hydranet": root / "hydranet"}
+    return train_pair(tmp_path_factory.mktemp("cli"), BASE, [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], CLASSES)
 
 
 # ---------------------------------------------------------------- models

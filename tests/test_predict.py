@@ -1,8 +1,6 @@
 """Inference on image files: load_model (run folder, checkpoint, safetensors), read_images, predict, `hydranets predict`."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
@@ -11,13 +9,11 @@ import torch
 from PIL import Image
 
 import hydranets
-from hydranets import Partition
-from hydranets.config import load_config
 from hydranets.data.inputs import InputSpec, image_files, read_images
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.errors import HydraError
-from hydranets.train import CHECKPOINT, load_trained, train
-from helpers import one_error_line, run_cli
+from hydranets.train import CHECKPOINT, load_trained
+from helpers import one_error_line, run_cli, train_pair
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.25}",
         "data.augment=none", "optim.lr=0.2", "optim.warmup_epochs=0", "train.epochs=2", "train.batch_size=32",
@@ -32,23 +28,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def runs(tmp_path_factory):
     """A trained baseline and a HydraNet (3 branches, top-1), and 12 test images written as PNG files."""
     root = tmp_path_factory.mktemp("predict")
-    part = root / "subtasks.json"
-    Partition([[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], 10, CLASSES, "random").save(part)
-    n = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            train(load_config(overrides=[*BASE, f"out={root / 'baseline'}"]))
-            train(load_config(overrides=[*BASE, f"out={root / 'hydranet'}", "hydra.enabled=true",
-                                         "hydra.num_branches=3", "hydra.topk=1", f"hydra.partition={part}"]))
-    finally:
-        torch.set_num_threads(n)
+    trained = train_pair(root, BASE, [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], CLASSES)
     _, test_set = synthetic_splits(10)
     pick = torch.arange(0, 100, 9)[:12]
     images = root / "images"
     images.mkdir()
     for i in pick.tolist():
         Image.fromarray(test_set.images[i].permute(1, 2, 0).numpy()).save(images / f"{i:03d}.png")
-    return {"baseline": root / "baseline", "hydranet": root / "hydranet", "images": images,
+    return {**trained, "images": images,
             "x": test_set.images[pick], "labels": test_set.labels[pick]}
 
 
