@@ -4,8 +4,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import hydranets
 from hydranets.config import load_config
-from hydranets.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderBatches
+from hydranets.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderBatches, ImageFolderDataset
+from hydranets.data.inputs import image_files, read_images
 from hydranets.train import train
 
 
@@ -40,3 +42,20 @@ def test_train_on_an_image_folder(tmp_path):
     assert summary["finished"] and summary["num_classes"] == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 <= rows[0]["test_top1"] <= 100
+    # the run keeps what its images need: predicting on the val files is its own test evaluation
+    model = hydranets.load_model(tmp_path / "run", "cpu")
+    spec = model.input_spec
+    assert spec.classes == ["cat", "dog"] and (spec.resize, spec.size) == (37, 32)  # 32 * 256 / 224, then the crop
+    assert spec.mean == list(IMAGENET_MEAN) and spec.std == list(IMAGENET_STD)
+    files = image_files([tmp_path / "data" / "val"])
+    images = read_images(files, spec)
+    val = ImageFolderDataset(tmp_path / "data", "val", 32, train=False)
+    assert [str(f) for f in files] == [str(p) for p, _ in val.samples]
+    assert all(torch.equal(images[i], val[i][0]) for i in range(len(val)))
+    rows = hydranets.predict(model, images)
+    top1 = 100 * sum(r["indices"][0] == label for r, label in zip(rows, val.labels)) / len(rows)
+    assert abs(top1 - rows_metrics(tmp_path)) < 1e-9
+
+
+def rows_metrics(tmp_path):
+    return json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["test_top1"]

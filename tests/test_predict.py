@@ -105,6 +105,7 @@ def test_predict_matches_an_independent_forward_pass(runs, name):
         assert row["probs"] == pytest.approx(p.tolist(), abs=1e-6) and row["probs"] == sorted(row["probs"], reverse=True)
     _, test_set = synthetic_splits(10)  # on the whole test set, the top-1 that training measured last
     every = hydranets.predict(model, test_set.images)
+    assert {len(r["classes"]) for r in every} == {5}  # the default: five classes
     top1 = 100 * sum(r["indices"][0] == y for r, y in zip(every, test_set.labels.tolist())) / len(every)
     assert top1 == pytest.approx(json.loads((runs[name] / "summary.json").read_text())["test_top1"])
     if name == "hydranet":

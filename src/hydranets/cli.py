@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with a trained model (its most likely classes)")
     p.add_argument("run", help="run folder, checkpoint file or model.safetensors")
     p.add_argument("images", nargs="+", help="image files (.jpg/.jpeg/.png) or folders of them")
-    p.add_argument("--top", type=int, default=5, help="classes to list per image")
+    p.add_argument("--top", type=int, default=None, help="classes to list per image (default 5)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-fold", action="store_true", help="run the model as trained (default: batch norms folded)")

@@ -77,11 +77,13 @@ def load_model(path: str | Path, device: str | torch.device = "auto", fold: bool
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, top: int = 5, batch_size: int = 256) -> list[dict[str, Any]]:
+def predict(model: nn.Module, images: torch.Tensor, top: int | None = None,
+            batch_size: int = 256) -> list[dict[str, Any]]:
     """Classify (N, C, H, W) uint8 images (e.g. from :func:`~hydranets.data.inputs.read_images`) with a
     model from :func:`load_model`, normalised as in its training.
 
-    One dict per image: ``classes`` and ``probs`` (its ``top`` most likely classes, most likely first),
+    One dict per image: ``classes`` and ``probs`` (its ``top`` most likely classes, most likely first;
+    default 5, or every class of a model with fewer),
     ``indices`` (their class indices) and, for a HydraNet, ``branches`` (those that ran for the image) and
     ``gate_scores`` (the gate's sigmoid score of each).
     """
@@ -94,6 +96,7 @@ def predict(model: nn.Module, images: torch.Tensor, top: int = 5, batch_size: in
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != spec.in_chans:
         raise HydraError(f"predict takes (N, {spec.in_chans}, H, W) uint8 images, got {tuple(images.shape)} "
                          f"{images.dtype}")
+    top = min(5, len(spec.classes)) if top is None else top
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(spec.classes):
         raise HydraError(f"top must be a whole number from 1 to the {len(spec.classes)} classes, got {top!r}")
     device = next(model.parameters()).device
