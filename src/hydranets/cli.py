@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_pipeline)
 
     p = sub.add_parser("eval", help="accuracy, gate recall, MACs/image and images/s of a trained model")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file or model.safetensors")
     p.add_argument("--topk", help="comma-separated k to sweep for a HydraNet, e.g. 1,2,4")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--speed-batch", type=int, default=256, help="batch size for images/s")
