@@ -67,9 +67,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto", fold: bool
         cfg = config_from_dict(ckpt["config"])
         print(f"note: {path} predates saved class names; reading them from its data set (data.name={cfg.data.name})",
               file=sys.stderr)
-        _, test_set = load_data(cfg)
-        size = test_set.images.shape[-1]
-        spec = InputSpec(test_set.classes, list(test_set.mean), list(test_set.std), size, size)
+        spec = InputSpec.of_dataset(load_data(cfg)[1])
     if fold:
         model, _ = fold_batchnorms(model)
     model.input_spec = spec

@@ -82,8 +82,7 @@ def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterab
     train_b = BatchLoader(train_set, per_rank, train=True, seed=t.seed, device=rt.device, augment=d.augment,
                           cutout=d.cutout, rank=rt.rank, world_size=rt.world_size, channels_last=t.channels_last)
     test_b = BatchLoader(test_set, t.eval_batch_size, train=False, device=rt.device, channels_last=t.channels_last)
-    size = test_set.images.shape[-1]
-    return train_b, test_b, InputSpec(train_set.classes, list(train_set.mean), list(train_set.std), size, size)
+    return train_b, test_b, InputSpec.of_dataset(test_set)
 
 
 def _subset(ds, n: int, seed: int):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import HydraError
+from .datasets import ImageDataset
 from .imagefolder import IMAGE_SUFFIXES, _pil, resize_center_crop
 
 
@@ -34,6 +35,12 @@ class InputSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def of_dataset(cls, ds: "ImageDataset") -> "InputSpec":
+        """The spec of an in-memory data set, whose images are all of the size a model then sees."""
+        size = ds.images.shape[-1]
+        return cls(list(ds.classes), list(ds.mean), list(ds.std), size, size)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
