@@ -344,3 +344,50 @@ def test_subtasks_from_a_kept_epoch(tmp_path, monkeypatch, capsys):
     main(argv + ["--only", "hydra-r20-b8k1-60ep"])
     meta = json.loads((runs / "partition_kmeans_b8.json").read_text())["meta"]
     assert meta["baseline"] == str(Path(proto["out"] + "-smoke") / "resnet20-60ep" / "checkpoints" / "epoch1.pt")
+
+
+def test_subtasks_from_a_check(tmp_path):
+    """partition_from may name a check (tin100-cpu-fork2-e50 takes its subtasks from the 20-epoch run of another
+    protocol): it trains before the HydraNets, and the subtasks come from its outputs."""
+    tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
+    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "c",
+             "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
+                                                               "precision": "fp32", "channels_last": False}},
+             "baselines": [{"name": "b", "model": tiny}],
+             "hydranets": [{"name": "h", "model": tiny, "hydra": {"num_branches": 2, "topk": 1}}],
+             "checks": [{"name": "c", "model": tiny, "train": {"seed": 5}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    with pytest.raises(HydraError, match=r"partition_from check .*c has not finished training; .*--only c"):
+        run_protocol(load_protocol(tmp_path / "p.yaml"), only=["h"])
+    run_protocol(load_protocol(tmp_path / "p.yaml"), only=["c", "h"])
+    runs = tmp_path / "runs"
+    assert (runs / "c" / "summary.json").exists() and (runs / "h" / "summary.json").exists()
+    assert not (runs / "b").exists()
+    meta = json.loads((runs / "partition_kmeans_b2.json").read_text())["meta"]
+    assert meta["baseline"] == str(runs / "c")
+    proto["partition_from"] = "h"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    with pytest.raises(HydraError, match=re.escape("partition_from 'h' is neither a baseline nor a check of the "
+                                                   "protocol")):
+        load_protocol(tmp_path / "p.yaml")
+
+
+def test_eval_only_keeps_results_of_models_whose_runs_are_absent(tmp_path, capsys):
+    """An evaluation in a checkout without some run folders must not replace the results that hold them."""
+    from helpers import one_error_line, run_cli
+    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "b", "base": {"data": {"name": "synthetic"}},
+             "baselines": [{"name": "b"}], "hydranets": [{"name": "h", "hydra": {"num_branches": 2}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    results = tmp_path / "results"
+    results.mkdir()
+    saved = json.dumps({"rows": [{"name": "b"}, {"name": "h"}, {"name": "old"}]})
+    (results / "x.json").write_text(saved)
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "summary.json").write_text("{}")  # finished: only h and old would be lost
+    argv = ("bench", "pareto", "--config", str(tmp_path / "p.yaml"), "--eval-only", "--results", str(results))
+    code, _, err = run_cli(capsys, *argv)
+    line = one_error_line(err, "x.json holds results of 2 model(s) this evaluation would not have (h, old")
+    assert code == 2 and "--replace-results" in line
+    assert (results / "x.json").read_text() == saved
+    code, _, err = run_cli(capsys, *argv, "--replace-results")  # goes on to evaluate (and fails on the fake run)
+    assert code != 0 and "would not have" not in err

@@ -131,7 +131,8 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench_pareto(args) -> None:
-    from .pareto import evaluate_protocol, load_protocol, protocol_dir, run_protocol, smoke_protocol, write_results
+    from .pareto import (check_results_kept, evaluate_protocol, finished_entries, load_protocol, protocol_dir,
+                         run_protocol, smoke_protocol, write_results)
     if args.only:  # `--only A B key=value`: entry names never hold '=', so those words are overrides
         args.overrides += [w for w in args.only if "=" in w]
         args.only = [w for w in args.only if "=" not in w]
@@ -141,9 +142,13 @@ def cmd_bench_pareto(args) -> None:
     if args.smoke:
         proto = smoke_protocol(proto)
         args.results = protocol_dir(proto) / "results"
+    if args.eval_only and not args.replace_results:  # before minutes of evaluation, not after
+        check_results_kept(proto, args.results, finished_entries(proto))
     result = evaluate_protocol(proto) if args.eval_only else \
         run_protocol(proto, only_train=args.train_only, only=args.only)
     if result is not None:
+        if not args.replace_results:
+            check_results_kept(proto, args.results, {r["name"] for r in result["rows"]})
         paths = write_results(result, args.results)
         print(Path(paths[2]).read_text())
         print("wrote", *paths)
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--eval-only", action="store_true", help="evaluate what has finished (ablations and checks "
                       "that have not are listed as not run)")
     p.add_argument("--results", default="benchmarks/results", help="folder for <protocol>.{json,png,md}")
+    p.add_argument("--replace-results", action="store_true", help="replace <protocol>.json even where it holds "
+                   "models this evaluation lacks (refused by default: their measurements would be lost)")
     p.add_argument("--smoke", action="store_true", help="the protocol in miniature (2-epoch schedules, 1,024 "
                    "training images) in <out>-smoke: tries a config end to end in minutes")
     p.set_defaults(fn=cmd_bench_pareto)

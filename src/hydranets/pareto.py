@@ -1,6 +1,6 @@
 """The paper's claim as a benchmark: a baseline family against a HydraNet family, trained alike.
 
-A protocol (YAML) names shared settings, the baseline family, the baseline the subtasks come from,
+A protocol (YAML) names shared settings, the baseline family, the baseline (or check) the subtasks come from,
 the HydraNet family, ablations, checks and repeats (members trained again, e.g. with another seed).
 Every model is its own resumable run folder; evaluation runs all models on one test set in one
 process, and the comparison is reported as the iso-accuracy saving (baseline MACs / HydraNet MACs at
@@ -92,6 +92,7 @@ def check_entries(proto: dict, path: str | Path) -> None:
             raise HydraError(f"protocol {path}: {who} {ref!r}, but {name!r} does not keep that epoch; add {epoch} to "
                              "its train.keep_epochs")
 
+    partition_source(proto)
     check_kept(str(proto["partition_from"]), "partition_from")
     hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     for entry in entries:
@@ -114,6 +115,17 @@ def check_entries(proto: dict, path: str | Path) -> None:
             raise HydraError(f"protocol {path}: entry {entry['name']!r} has a 'family'; only checks and ablations "
                              "take one (checks of one family are compared with the HydraNets as a curve, "
                              "ablations of one family with the baselines)")
+
+
+def partition_source(proto: dict) -> dict:
+    """The entry ``partition_from`` names: a baseline, or a check (e.g. a network of another schedule whose subtasks
+    a protocol shares with an earlier one)."""
+    name = split_source(str(proto["partition_from"]))[0]
+    src = next((e for e in proto["baselines"] + proto.get("checks", []) if e["name"] == name), None)
+    if src is None:
+        raise HydraError(f"partition_from {proto['partition_from']!r} is neither a baseline nor a check of the "
+                         "protocol; name the entry whose outputs give the subtasks")
+    return src
 
 
 def all_entries(proto: dict) -> list[dict]:
@@ -281,16 +293,14 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         say(f"baseline {entry['name']}")
         train(with_teacher(model_config(proto, entry)), resume=True)
     src_name, src_epoch = split_source(proto["partition_from"])
-    src = next((e for e in proto["baselines"] if e["name"] == src_name), None)
-    if src is None:
-        raise HydraError(f"partition_from {proto['partition_from']!r} is not a baseline of the protocol")
+    src = partition_source(proto)
     src_cfg = model_config(proto, src)
+    src_role = "partition_from " + ("baseline" if src in proto["baselines"] else "check")
 
     def partition_file(method: str, b: int) -> Path:
         path = partition_path(proto, method, b)
         if not path.exists():
-            source = _finished(src_cfg, "partition_from baseline") if src_epoch is None else \
-                _kept(src_cfg, src_name, src_epoch, "partition_from")
+            source = _finished(src_cfg, src_role) if src_epoch is None else _kept(src_cfg, src_name, src_epoch, src_role)
             say(f"subtasks {method}_b{b} from {proto['partition_from']}")
             cfg = copy.deepcopy(src_cfg)
             cfg.partition.method = method
@@ -299,8 +309,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
 
     hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     sources = {split_source(e["hydra"]["init_from"])[0] for e in filter(wanted, hydras)
-               if e.get("hydra", {}).get("init_from")}
-    for entry in proto.get("checks", []):  # checks that HydraNets start from train first
+               if e.get("hydra", {}).get("init_from")} | {src_name}
+    for entry in proto.get("checks", []):  # checks that HydraNets start from, or take their subtasks from, train first
         if entry["name"] in sources and wanted(entry):
             say(f"check {entry['name']}")
             train(with_teacher(model_config(proto, entry)), resume=True)
@@ -455,6 +465,24 @@ def _compare(baseline: list[dict], hydra: list[dict]) -> dict:
         out[f"time_b{key[len('images_per_s_b'):]}"] = compare_families([(1.0 / r[key], r["top1"]) for r in baseline],
                                                                        [(1.0 / r[key], r["top1"]) for r in hydra])
     return out
+
+
+def finished_entries(proto: dict) -> set[str]:
+    """Names of the protocol's entries whose runs have finished training (an evaluation would include them)."""
+    return {e["name"] for e in all_entries(proto) if (Path(model_config(proto, e).out) / "summary.json").exists()}
+
+
+def check_results_kept(proto: dict, results_dir: str | Path, names: set[str]) -> None:
+    """Refuse to replace ``<protocol>.json`` with results that lack some of its models (e.g. an evaluation in a
+    checkout without their run folders): those measurements would be lost."""
+    path = Path(results_dir) / f"{proto['protocol']}.json"
+    if not path.exists():
+        return
+    lost = [r["name"] for r in json.loads(path.read_text()).get("rows", []) if r["name"] not in names]
+    if lost:
+        raise HydraError(f"{path} holds results of {len(lost)} model(s) this evaluation would not have "
+                         f"({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}: their runs are not here); "
+                         "write elsewhere with --results DIR, or pass --replace-results to replace it")
 
 
 def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Path]:
