@@ -299,6 +299,21 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "- On the means over repeats (a member without repeats counts with its one run):" in md.read_text()
     assert "  - The ablation family alt instead of the HydraNets, against the baselines:\n    - Iso-accuracy saving " \
            "in MACs at the baseline family's best top-1" in md.read_text()
+    assert result["trained_precisions"] == {"fp32": [r["name"] for r in result["rows"]]}
+    assert "different precisions" not in md.read_text()
+    proto["checks"].append({"name": "c3", "model": tiny, "train": {"precision": "bf16"}})  # as on another machine
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    run_protocol(load_protocol(tmp_path / "p.yaml"), only=["c3"])
+    capsys.readouterr()
+    mixed = evaluate_protocol(load_protocol(tmp_path / "p.yaml"))
+    assert mixed["trained_precisions"]["bf16"] == ["c3"] and "c3" not in mixed["trained_precisions"]["fp32"]
+    assert "warning: the models were trained in different precisions (fp32: b1, b2," in capsys.readouterr().err
+    assert "- **Trained in different precisions** (fp32: b1, b2, " in markdown_table(mixed)
+    assert "; bf16: c3):" in markdown_table(mixed)
+    assert "synthetic (10 classes), cpu, evaluated in fp32 (trained in fp32, bf16), torch" in markdown_table(mixed)
+    assert "synthetic (10 classes), cpu, fp32, torch" in md.read_text()
+    proto["checks"].pop()
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
     run_protocol(load_protocol(tmp_path / "p.yaml"), only_train=True)  # a rerun skips finished runs
     assert (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime == mtime

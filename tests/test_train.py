@@ -622,3 +622,27 @@ def test_resume_after_nan_with_sane_lr_finishes(diverged, capsys, tmp_path):
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2] and math.isfinite(rows[1]["train_loss"])
     assert (out / "summary.json").exists() and load_ckpt(out)["epoch"] == 2
+
+
+def test_resume_keeps_the_precision_the_run_started_in(tmp_path, capsys):
+    """A run started in one precision and resumed with train.precision=auto, which picks the other on this
+    machine, finishes in the one it started in and says so; an explicit precision still switches."""
+    here = train_mod.resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"
+    out = tmp_path / "run"
+    args = [*BASE, f"out={out}", "optim.schedule=constant", "data.train_subset=64"]
+    code, err = run_main(capsys, *args, "train.epochs=1", f"train.precision={other}")
+    assert code == 0, err
+    (out / "summary.json").unlink()                                   # as if stopped after epoch 1 of 3
+    code, err = run_main(capsys, *args, "train.epochs=2", "train.precision=auto", "--resume")
+    assert code == 0, err
+    assert f"note: {out} was started in {other}; it continues in {other}" in err
+    assert f"set train.precision={here} to switch" in err
+    assert load_ckpt(out)["config"]["train"]["precision"] == other
+    assert "precision: " + other in (out / "config.yaml").read_text()
+    (out / "summary.json").unlink()
+    code, err = run_main(capsys, *args, "train.epochs=3", f"train.precision={here}", "--resume")
+    assert code == 0, err
+    assert "was started in" not in err
+    assert load_ckpt(out)["config"]["train"]["precision"] == here
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]

@@ -393,8 +393,13 @@ def evaluate_protocol(proto: dict) -> dict:
                          "busiest_branch": 100 * max(ev["branch_load"]) if ev.get("branch_load") else None,
                          "subtask_recall": ev.get("subtask_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
-                         "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt)})
+                         "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt),
+                         "train_precision": ckpt.get("config", {}).get("train", {}).get("precision")})
             candidates[entry["name"]] = (model, kw)
+    mixed = trained_precisions(rows)
+    if len(mixed) > 1:
+        print(f"warning: the models were trained in different precisions ({_precision_list(mixed)}); compare "
+              "within one, or retrain the others with train.precision set", file=sys.stderr, flush=True)
     for family in ("baseline", "hydranet"):
         if not any(r["family"] == family for r in rows):
             raise HydraError(f"no {family} of protocol {proto['protocol']} has finished training; train them first "
@@ -410,7 +415,7 @@ def evaluate_protocol(proto: dict) -> dict:
     result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
               "device": str(device), "precision": precision, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "fold_batchnorms": fold, "test_images": len(test_set), "rows": rows,
-              "not_run": not_run,
+              "not_run": not_run, "trained_precisions": mixed,
               "missing_members": missing}
     hydra = [r for r in rows if r["family"] == "hydranet"]
     baseline = [r for r in rows if r["family"] == "baseline"]
@@ -430,6 +435,20 @@ def evaluate_protocol(proto: dict) -> dict:
                                 "ablation_families": {n: _compare(mean_base, g) for n, g in mean_ablations.items()},
                                 "vs_ablation_families": {n: _compare(g, mean_hydra) for n, g in mean_ablations.items()}}
     return result
+
+
+def trained_precisions(rows: list[dict]) -> dict[str, list[str]]:
+    """The names of the models trained in each precision (``auto`` resolves per machine, so a protocol trained on
+    two machines can hold both)."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("train_precision"):
+            out.setdefault(r["train_precision"], []).append(r["name"])
+    return out
+
+
+def _precision_list(by_precision: dict[str, list[str]]) -> str:
+    return "; ".join(f"{p}: {', '.join(names)}" for p, names in by_precision.items())
 
 
 def seed_means(rows: list[dict]) -> list[dict]:
@@ -628,7 +647,13 @@ def markdown_table(result: dict) -> str:
     if result.get("missing_members"):
         lines.append(f"- **Family members not trained** (the families are compared without them): "
                      f"{', '.join(result['missing_members'])}")
+    if len(result.get("trained_precisions", {})) > 1:
+        lines.append(f"- **Trained in different precisions** ({_precision_list(result['trained_precisions'])}): "
+                     "the families' training differs by more than the recipe")
     timed = {True: ", timed with batch norms folded", False: ", timed as trained (batch norms not folded)"}
-    lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {result['precision']}, "
+    trained = list(result.get("trained_precisions", {}))
+    precision = result["precision"] if trained in ([], [result["precision"]]) else \
+        f"evaluated in {result['precision']} (trained in {', '.join(trained)})"
+    lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {precision}, "
                  f"torch {result['torch']}, {result['threads']} threads{timed.get(result.get('fold_batchnorms'), '')}")
     return "\n".join(lines) + "\n"

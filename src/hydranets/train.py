@@ -366,6 +366,25 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
         raise HydraError(f"run folder {out} holds an unfinished run; pass --resume to continue it or --overwrite")
 
 
+def run_precision(out: Path, precision: str, device: torch.device, resume: bool, say: bool = True) -> str:
+    """The precision to train in: ``auto`` resolved for this device, except that a resumed run keeps the precision
+    it started in where the device runs it (a run half in bf16 and half in fp32 is neither), with a note."""
+    here = resolve_precision(precision, device)
+    if not (resume and precision == "auto" and (out / CHECKPOINT).exists() and (out / "config.yaml").exists()):
+        return here
+    import yaml
+    started = (yaml.safe_load((out / "config.yaml").read_text()).get("train") or {}).get("precision", here)
+    if started == here:
+        return here
+    usable = started in ("fp32", "bf16") or (started == "fp16" and device.type == "cuda")
+    if say:
+        print(f"note: {out} was started in {started}; " + (
+            f"it continues in {started} (train.precision=auto picks {here} here; set train.precision={here} to "
+            "switch)" if usable else f"{started} does not run on {device.type}, so it continues in {here}"),
+            file=sys.stderr, flush=True)
+    return started if usable else here
+
+
 def prepare_run_dir(out: Path, overwrite: bool) -> None:
     """Create the run folder; with ``overwrite``, clear what an earlier run left there."""
     if overwrite and out.exists():
@@ -424,7 +443,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         return json.loads((out / "summary.json").read_text())
     # cheap checks first: bad input must not create, or (with --overwrite) delete, a run folder
     check_run_dir(out, cfg, resume, overwrite)
-    t.precision = resolve_precision(t.precision, rt.device)
+    t.precision = run_precision(out, t.precision, rt.device, resume, say=rt.is_main)
     if t.precision == "fp16" and rt.device.type != "cuda":
         raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if t.batch_size % (rt.world_size * t.accum_steps):
