@@ -374,7 +374,7 @@ def run_precision(out: Path, precision: str, device: torch.device, resume: bool,
         return here
     import yaml
     started = (yaml.safe_load((out / "config.yaml").read_text()).get("train") or {}).get("precision", here)
-    if started == here:
+    if started == here or started not in ("fp32", "bf16", "fp16"):
         return here
     usable = started in ("fp32", "bf16") or (started == "fp16" and device.type == "cuda")
     if say:
