@@ -343,15 +343,22 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 
 # ---------------------------------------------------------------- the run folder
+def saved_config(out: Path) -> Config | None:
+    """The resolved config a run folder was made with, or None where it has none."""
+    if not (out / "config.yaml").exists():
+        return None
+    import yaml
+    return config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+
+
 def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run unless asked; a resumed run must have the same model and data."""
     finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
     if overwrite:
         return
     if resume:
-        if (out / "config.yaml").exists():
-            import yaml
-            old = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+        old = saved_config(out)
+        if old is not None:
             dense = not (old.hydra.enabled or cfg.hydra.enabled)  # a dense run ignores the hydra section
             for section in ("data", "model") if dense else ("data", "model", "hydra"):
                 a, b = getattr(old, section).__dict__, getattr(cfg, section).__dict__
@@ -372,8 +379,7 @@ def run_precision(out: Path, precision: str, device: torch.device, resume: bool,
     here = resolve_precision(precision, device)
     if not (resume and precision == "auto" and (out / CHECKPOINT).exists() and (out / "config.yaml").exists()):
         return here
-    import yaml
-    started = (yaml.safe_load((out / "config.yaml").read_text()).get("train") or {}).get("precision", here)
+    started = saved_config(out).train.precision
     if started == here or started not in ("fp32", "bf16", "fp16"):
         return here
     usable = started in ("fp32", "bf16") or (started == "fp16" and device.type == "cuda")
