@@ -410,6 +410,31 @@ def test_resume_after_sigkill_is_exact(tmp_path, capsys, precision):
     assert len((killed / "metrics.csv").read_text().strip().splitlines()) == 4
 
 
+def test_resume_rewrites_the_rows_the_checkpoint_lacks(tmp_path, capsys):
+    """A kill after an epoch's metrics row (or in the middle of one) but before its checkpoint: the resumed run drops
+    the rows of epochs it trains again, so both metric files hold each epoch once, as the uninterrupted run has them."""
+    args = [*BASE, "train.epochs=3", "data.train_subset=160", "train.keep_epochs=[1]"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_main(capsys, *args, f"out={full}")[0] == 0
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.yaml", killed / "config.yaml")
+    shutil.copy(full / "checkpoints" / "epoch1.pt", killed / CHECKPOINT)  # the state after epoch 1
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:25])  # row 2, torn row 3
+    (killed / "metrics.csv").write_text("\n".join((full / "metrics.csv").read_text().splitlines()[:2]) + "\n")
+    code, err = run_main(capsys, *args, f"out={killed}", "--resume")
+    assert code == 0, err
+    assert "resuming" in err and "after epoch 1" in err
+    ra, rb = read_metrics(full), read_metrics(killed)
+    assert [r["epoch"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        for k in ("train_loss", "lr", "test_top1", "test_top5"):
+            assert x[k] == y[k], (x["epoch"], k)
+    table = [l.split(",") for l in (killed / "metrics.csv").read_text().splitlines()]
+    assert table[0] == (full / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert [int(r[table[0].index("epoch")]) for r in table[1:]] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------- bad input
 def test_unknown_key_via_cli(tmp_path):
     r = cli(*BASE, f"out={tmp_path / 'run'}", "train.epoch=3")

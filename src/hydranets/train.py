@@ -10,6 +10,7 @@ A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl``/``metrics.csv``
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -401,10 +402,14 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _csv_fields(row: dict) -> dict:
+    return {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items() if k != "routing_matrix"}
+
+
 def append_metrics(out: Path, row: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items() if k != "routing_matrix"}
+    flat = _csv_fields(row)
     new = not (out / "metrics.csv").exists()
     with open(out / "metrics.csv", "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(flat))
@@ -414,16 +419,26 @@ def append_metrics(out: Path, row: dict) -> None:
 
 
 def truncate_metrics(out: Path, epochs_done: int) -> None:
-    """Drop metric rows of epochs after the checkpoint (a run killed between the two writes)."""
+    """Keep only the metric rows of the epochs the checkpoint holds, in both files. An epoch's row is written before
+    its checkpoint, so a run killed between the two (or in the middle of a row) left rows its resumption writes again."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if r["epoch"] <= epochs_done]
-    path.unlink()
-    (out / "metrics.csv").unlink(missing_ok=True)
-    for r in rows:
-        append_metrics(out, r)
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line, torn by the kill
+            continue
+        if row["epoch"] <= epochs_done:
+            rows.append(row)
+    table = io.StringIO()
+    if rows:
+        w = csv.DictWriter(table, fieldnames=list(_csv_fields(rows[0])))
+        w.writeheader()
+        w.writerows(_csv_fields(r) for r in rows)
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in rows), path)
+    atomic_write_text(table.getvalue(), out / "metrics.csv")
 
 
 def read_metrics(out: str | Path) -> list[dict]:
@@ -531,8 +546,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         torch.set_rng_state(ckpt["rng"]["cpu"])
         start_epoch = ckpt["epoch"]
         if rt.is_main:
-            truncate_metrics(out, start_epoch)
             print(f"resuming {out} after epoch {start_epoch}", file=sys.stderr)
+    if resume and rt.is_main:
+        truncate_metrics(out, start_epoch)
     if rt.is_main:
         save_config(cfg, out / "config.yaml")
 
@@ -556,12 +572,12 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
             row.update({"test_top1": ev["top1"], "test_top5": ev["top5"]})
             if hydra is not None:
                 row.update({"gate_recall": ev.get("gate_recall"), "branch_load": ev["branch_load"]})
+            append_metrics(out, row)  # before the checkpoint: a resumed run drops rows the checkpoint lacks
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch + 1, "rng": {"cpu": torch.get_rng_state()}, **about}
-            atomic_save(ckpt, out / CHECKPOINT)
             if epoch + 1 in t.keep_epochs:
                 atomic_save(ckpt, out / kept_checkpoint(epoch + 1))
-            append_metrics(out, row)
+            atomic_save(ckpt, out / CHECKPOINT)
             if writer is not None:
                 for k, v in row.items():
                     if isinstance(v, (int, float)):
