@@ -425,10 +425,8 @@ def test_real_tiny_imagenet_val_split(tiny_imagenet_archive, tmp_path, monkeypat
     assert torch.bincount(ds.labels).tolist() == [50] * 10
     assert ds.classes[0] == "goldfish" and len(ds.classes) == 10
     assert all(0.1 < m < 0.9 for m in ds.mean) and all(0.1 < s < 0.5 for s in ds.std)
-    monkeypatch.setattr(D, "_decode_image", None)
-    start = time.perf_counter()
+    monkeypatch.setattr(D, "_decode_image", None)  # the train split comes from the cache the first load wrote
     train = load_dataset("tiny-imagenet", "train", root=tiny_imagenet_archive, classes=10, cache_dir=tmp_path)
-    assert time.perf_counter() - start < 2.0
     assert train.images.shape == (5000, 3, 32, 32) and train.mean == ds.mean
 
 
@@ -606,8 +604,10 @@ def test_loader_prefetch_stops_when_abandoned():
     loader = BatchLoader(loader_dataset(), 4, train=True)
     for _ in loader:
         break
-    time.sleep(0.3)
-    assert not any(t.name == "hydranets-prefetch" for t in threading.enumerate())
+    deadline = time.monotonic() + 30  # generous: a loaded CI machine may be slow to schedule the thread's exit
+    while any(t.name == "hydranets-prefetch" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the prefetch thread outlived its abandoned loader"
+        time.sleep(0.01)
 
 
 def test_loader_distributed_shards():
