@@ -98,6 +98,24 @@ def test_every_entry_of_a_shipped_protocol_builds(path):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
+def test_protocols_sharing_a_run_folder_agree_on_its_runs():
+    """Shipped protocols with one ``out`` train the same run folder under the same name: its settings must match, or
+    whichever protocol trained it first would decide what the other evaluates."""
+    by_folder: dict[str, dict[str, tuple[str, dict]]] = {}
+    shared = 0
+    for path in sorted((REPO / "configs" / "bench").glob("*.yaml")):
+        proto = load_protocol(path)
+        runs = by_folder.setdefault(str(proto["out"]), {})
+        for entry in all_entries(proto):
+            cfg = model_config(proto, entry).to_dict()
+            if entry["name"] in runs:
+                shared += 1
+                assert cfg == runs[entry["name"]][1], (entry["name"], path.stem, runs[entry["name"]][0])
+            else:
+                runs[entry["name"]] = (path.stem, cfg)
+    assert shared > 0
+
+
 @pytest.mark.parametrize("source,keep,words", [
     ("c1@2", [1], "starts from 'c1@2', but 'c1' does not keep that epoch; add 2 to its train.keep_epochs"),
     ("c9", [], "starts from 'c9', which is neither an entry of the protocol nor an existing run folder"),
