@@ -8,7 +8,7 @@ import yaml
 
 from hydranets import HydraError
 from hydranets.pareto import (all_entries, compare_families, evaluate_protocol, frontier, load_protocol,
-                              markdown_table, model_config, run_protocol, top1_standard_error,
+                              markdown_table, model_config, run_protocol, stops_early, top1_standard_error,
                               write_results)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,28 @@ def test_every_entry_of_a_shipped_protocol_builds(path):
         cfg.hydra.enabled = "hydra" in entry
         model = build_model(model_info(cfg, 100, 3), topk=cfg.hydra.topk if cfg.hydra.enabled else 1)
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_stops_early_reads_the_schedule():
+    assert stops_early({"train": {"epochs": 2}, "optim": {"schedule_epochs": 15}})
+    assert not stops_early({"train": {"epochs": 13}, "optim": {"schedule_epochs": 15, "schedule_start": 2}})
+    assert not stops_early({"train": {"epochs": 15}, "optim": {"schedule_epochs": None}})
+    assert stops_early({"train": {"epochs": 4}, "optim": {"schedule_epochs": 15, "schedule_start": 7}})
+
+
+def test_plot_leaves_out_checks_that_stop_partway(tmp_path, monkeypatch):
+    import hydranets.pareto as P
+    import hydranets.report as R
+    drawn = {}
+    monkeypatch.setattr(R, "plot_pareto", lambda families, path, **kw: drawn.update(families))
+    monkeypatch.setattr(P, "markdown_table", lambda result: "")
+    row = lambda name, family, macs, top1, partial=False: {"name": name, "family": family, "macs": macs, "top1": top1,
+                                                           "epochs": 2 if partial else 15, "partial_schedule": partial}
+    rows = [row("b1", "baseline", 1e6, 30.0), row("h1", "hydranet", 2e6, 31.0), row("long", "check", 1e6, 32.0),
+            row("b1-e2", "check", 1e6, 12.0, partial=True)]
+    write_results({"protocol": "x", "rows": rows}, tmp_path)
+    assert set(drawn) == {"baseline", "hydranet", "long (check, 15 epochs)"}
+    assert drawn["long (check, 15 epochs)"] == [(1e6, 32.0, "")]
 
 
 def test_protocols_sharing_a_run_folder_agree_on_its_runs():

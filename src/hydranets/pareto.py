@@ -338,6 +338,12 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     return evaluate_protocol(proto)
 
 
+def stops_early(config: dict) -> bool:
+    """Whether a run trained only the first part of its learning-rate schedule (a checkpoint to fork from)."""
+    optim, epochs = config.get("optim", {}), config.get("train", {}).get("epochs", 0)
+    return (optim.get("schedule_start") or 0) + epochs < (optim.get("schedule_epochs") or epochs)
+
+
 def total_epochs(ckpt: dict) -> int:
     """Epochs of training behind a checkpoint: its own plus those of the run it started from (``hydra.init_from``)."""
     source = ckpt["config"].get("hydra", {}).get("init_from")
@@ -394,6 +400,7 @@ def evaluate_protocol(proto: dict) -> dict:
                          "subtask_recall": ev.get("subtask_recall"),
                          "macs": model_macs(model, size, **kw), "params": count_params(model),
                          "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt),
+                         "partial_schedule": stops_early(ckpt["config"]),
                          "train_precision": ckpt.get("config", {}).get("train", {}).get("precision")})
             candidates[entry["name"]] = (model, kw)
     mixed = trained_precisions(rows)
@@ -518,6 +525,8 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
                        if r["family"] == f]
     for r in sorted(result["rows"], key=lambda r: r["macs"]):
         fam = r.get("curve")
+        if r["family"] == "check" and r.get("partial_schedule"):  # a fork's source: its accuracy is no point of a curve
+            continue
         if r["family"] == "check":  # a check family as a curve, a lone check as a point
             label = f"{fam} (check family)" if fam else f"{r['name']} (check, {r['epochs']} epochs)"
             families.setdefault(label, []).append((r["macs"], r["top1"], r["name"] if fam else ""))
