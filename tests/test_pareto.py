@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from hydranets import HydraError
-from hydranets.pareto import (all_entries, compare_families, evaluate_protocol, frontier, load_protocol,
-                              markdown_table, model_config, run_protocol, stops_early, top1_standard_error,
+from hydranets.pareto import (all_entries, compare_families, evaluate_protocol, frontier, level_off_point,
+                              load_protocol, markdown_table, model_config, run_protocol, stops_early, top1_standard_error,
                               write_results)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,33 @@ def test_markdown_reports_a_miss_as_not_reached():
     # mean top-1 30%: sqrt(0.3 * 0.7 / 2500) = 0.917 points; a difference needs 2 * sqrt(2) of that
     assert "on 2500 test images one standard error of a top-1 near 30% is 0.92 points" in md
     assert "beyond about 2.6 points" in md
+
+
+def test_saving_where_a_flat_dense_curve_levels_off():
+    # dense curve flat from 80M: 34.0 / 34.1 / 34.2%; on 2500 test images one standard error at 34.2% is
+    # sqrt(0.342 * 0.658 / 2500) = 0.949 points, so 34.0% at 80M is where it levels off
+    row = lambda name, family, macs, top1: {"name": name, "family": family, "k": None, "epochs": 5,  # noqa: E731
+                                            "top1": top1, "top5": 50.0, "gate_recall": None, "macs": macs,
+                                            "params": 1e5, "images_per_s_b1": 2e9 / macs}
+    rows = [row("b1", "baseline", 40e6, 30.0), row("b2", "baseline", 80e6, 34.0), row("b3", "baseline", 160e6, 34.1),
+            row("b4", "baseline", 320e6, 34.2), row("h1", "hydranet", 20e6, 30.0), row("h2", "hydranet", 60e6, 36.0)]
+    pts = lambda key, f: [(key(r), r["top1"]) for r in rows if r["family"] == f]  # noqa: E731
+    comp = {"macs": compare_families(pts(lambda r: r["macs"], "baseline"), pts(lambda r: r["macs"], "hydranet")),
+            "time_b1": compare_families(pts(lambda r: 1 / r["images_per_s_b1"], "baseline"),
+                                        pts(lambda r: 1 / r["images_per_s_b1"], "hydranet"))}
+    along = comp["macs"]["saving_along_baseline"]
+    assert level_off_point(along, 0.949)["top1"] == 34.0
+    assert level_off_point(along, 0.1)["top1"] == 34.1
+    assert level_off_point(along, 0.05) is along[-1]
+    # the HydraNets reach 34.2% at 20 + 40 * 4.2 / 6 = 48M (6.67x), 34.0% at 46.67M: 80 / 46.67 = 1.71x
+    assert comp["macs"]["iso_accuracy_saving"] == pytest.approx(320 / 48)
+    md = markdown_table({"rows": rows, **comp, "dataset": "synthetic", "classes": 10, "device": "cpu",
+                         "precision": "fp32", "torch": "x", "threads": 1, "test_images": 2500})
+    assert ("- Where the dense curve levels off (its cheapest point within one standard error, 0.95 points, of its best "
+            "top-1: 34.00% at 80.0M MACs): iso-accuracy saving 1.71x in MACs, 1.71x in batch-1 time\n") in md
+    md = markdown_table({"rows": rows, **comp, "dataset": "synthetic", "classes": 10, "device": "cpu",
+                         "precision": "fp32", "torch": "x", "threads": 1, "test_images": 10 ** 7})
+    assert "levels off" not in md  # with a tiny standard error the best point is where it levels off
 
 
 def test_top1_standard_error_is_binomial():

@@ -549,7 +549,35 @@ def _times(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
-def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "the HydraNet family") -> list[str]:
+def level_off_point(along: list[dict], tolerance: float) -> dict | None:
+    """The cheapest point of a baseline frontier (``saving_along_baseline``) within ``tolerance`` points of its best
+    top-1: where a flat curve stops rising, so a saving there does not hang on which costly model's noise came out on
+    top."""
+    if not along:
+        return None
+    best = along[-1]["top1"]
+    return next(p for p in along if p["top1"] >= best - tolerance)
+
+
+def _level_off_line(comp: dict, bss: list[str], test_images: int) -> list[str]:
+    """The saving where the baseline curve levels off, in MACs and measured time, if that is not its best point."""
+    along = comp["macs"].get("saving_along_baseline", [])
+    tolerance = top1_standard_error(comp["macs"]["baseline_best_top1"], test_images)
+    point = level_off_point(along, tolerance)
+    if point is None or point is along[-1]:
+        return []
+    times = []
+    for b in bss:
+        same = [p for p in comp[f"time_b{b}"].get("saving_along_baseline", []) if p["top1"] == point["top1"]]
+        times.append(f"{_times(same[0]['saving'] if same else None)} in batch-{b} time")
+    return [f"- Where the dense curve levels off (its cheapest point within one standard error, {tolerance:.2f} "
+            f"points, of its best top-1: {point['top1']:.2f}% at {point['cost'] / 1e6:.1f}M MACs): iso-accuracy "
+            f"saving {_times(point['saving'])} in MACs, " + ", ".join(times)]
+
+
+def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "the HydraNet family",
+                      test_images: int | None = None) -> list[str]:
+    """The report lines of one comparison; with ``test_images``, also the saving where the reference curve levels off."""
     m = comp["macs"]
     lines = [f"- Iso-accuracy saving in MACs at {against}'s best top-1 ({m['baseline_best_top1']:.2f}%): "
              f"{_times(m['iso_accuracy_saving'])}" + ("" if m["iso_accuracy_saving"] else
@@ -565,6 +593,8 @@ def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "th
         t = comp[f"time_b{b}"]
         lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_times(t['iso_accuracy_saving'])}, "
                      f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
+    if test_images:
+        lines += _level_off_line(comp, bss, test_images)
     return lines
 
 
@@ -589,22 +619,24 @@ def _noise_line(result: dict) -> str:
             f"so two models differ by more than chance only beyond about {2 * math.sqrt(2) * se:.1f} points")
 
 
-def _seed_lines(means: dict, bss: list[str]) -> list[str]:
+def _seed_lines(means: dict, bss: list[str], test_images: int | None = None) -> list[str]:
     runs = [f"{m['name']} {' / '.join(f'{t:.2f}' for t in m['top1_runs'])} (mean {m['top1']:.2f}, sd {m['top1_sd']:.2f})"
             for m in means["members"] if len(m["top1_runs"]) > 1]
     lines = [f"- Repeats: top-1 of each run, first the member's own: {'; '.join(runs)}",
              "- On the means over repeats (a member without repeats counts with its one run):"] + \
-        ["  " + line for line in _comparison_lines(means, bss, "the baseline family")]
+        ["  " + line for line in _comparison_lines(means, bss, "the baseline family", test_images=test_images)]
     for group in means.get("ablation_families", {}):
-        lines += ["  " + line for line in _ablation_family_lines(means, group, group, bss)]
+        lines += ["  " + line for line in _ablation_family_lines(means, group, group, bss, test_images)]
     return lines
 
 
-def _ablation_family_lines(comps: dict, group: str, label: str, bss: list[str]) -> list[str]:
+def _ablation_family_lines(comps: dict, group: str, label: str, bss: list[str],
+                           test_images: int | None = None) -> list[str]:
     """An ablation family against the baselines, then the HydraNets against it, from ``comps``' comparisons."""
     lines = [f"- The ablation family {label} instead of the HydraNets, against the baselines:"]
     lines += ["  " + line for line in
-              _comparison_lines(comps["ablation_families"][group], bss, "the baseline family", f"the {group} family")]
+              _comparison_lines(comps["ablation_families"][group], bss, "the baseline family", f"the {group} family",
+                                test_images)]
     lines.append(f"  - The HydraNet family against the {group} family as the reference curve:")
     lines += ["    " + line for line in _comparison_lines(comps["vs_ablation_families"][group], bss, f"the {group} family")]
     return lines
@@ -641,16 +673,17 @@ def markdown_table(result: dict) -> str:
                      "and routing adds nothing")
     if result.get("test_images"):
         lines.append(_noise_line(result))
-    lines += _comparison_lines(result, bss, "the baseline family")
+    n = result.get("test_images")
+    lines += _comparison_lines(result, bss, "the baseline family", test_images=n)
     for group, comp in result.get("vs_check_families", {}).items():
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "check" and r.get("curve") == group)
         lines.append(f"- Against the check family {group} ({members}) instead of the baselines:")
         lines += ["  " + line for line in _comparison_lines(comp, bss, group)]
     for group in result.get("ablation_families", {}):  # e.g. a dense control of the HydraNets' own shape
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "ablation" and r.get("curve") == group)
-        lines += _ablation_family_lines(result, group, f"{group} ({members})", bss)
+        lines += _ablation_family_lines(result, group, f"{group} ({members})", bss, n)
     if result.get("seed_means"):
-        lines += _seed_lines(result["seed_means"], bss)
+        lines += _seed_lines(result["seed_means"], bss, n)
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     if result.get("missing_members"):
