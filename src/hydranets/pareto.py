@@ -671,9 +671,9 @@ def markdown_table(result: dict) -> str:
         lines.append("- Top-1 shuffled branches: a HydraNet's top-1 when each chosen branch is replaced by the next "
                      "one (b -> b+1 mod B), gate weights unchanged; near top-1 means the branches are interchangeable "
                      "and routing adds nothing")
-    if result.get("test_images"):
-        lines.append(_noise_line(result))
     n = result.get("test_images")
+    if n:
+        lines.append(_noise_line(result))
     lines += _comparison_lines(result, bss, "the baseline family", test_images=n)
     for group, comp in result.get("vs_check_families", {}).items():
         members = ", ".join(r["name"] for r in result["rows"] if r["family"] == "check" and r.get("curve") == group)
