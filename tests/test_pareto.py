@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from hydranets import HydraError
-from hydranets.pareto import (all_entries, compare_families, evaluate_protocol, frontier, level_off_point,
-                              load_protocol, markdown_table, model_config, run_protocol, stops_early, top1_standard_error,
-                              write_results)
+from hydranets.pareto import (_compare, all_entries, compare_families, compare_rows, evaluate_protocol, frontier,
+                              level_off_point, level_off_savings, load_protocol, markdown_table, model_config,
+                              pooled_seed_sd, run_protocol, seed_noise, stops_early, top1_standard_error, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,55 @@ def test_saving_where_a_flat_dense_curve_levels_off():
     md = markdown_table({"rows": rows, **comp, "dataset": "synthetic", "classes": 10, "device": "cpu",
                          "precision": "fp32", "torch": "x", "threads": 1, "test_images": 10 ** 7})
     assert "levels off" not in md  # with a tiny standard error the best point is where it levels off
+
+
+def _mean_row(name: str, family: str, macs: float, runs: list[float]) -> dict:
+    """A member's mean over its runs, as ``seed_means`` gives it (images/s in proportion to 1 / MACs)."""
+    return {"name": name, "family": family, "macs": macs, "top1": sum(runs) / len(runs), "top1_runs": runs,
+            "images_per_s_b256": 2e9 / macs}
+
+
+def test_pooled_seed_sd_by_hand():
+    members = [_mean_row("a", "baseline", 1e6, [30.0, 32.0]), _mean_row("b", "baseline", 2e6, [33.0, 34.0, 35.0]),
+               _mean_row("c", "baseline", 3e6, [40.0])]
+    # variances 2 (1 dof) and 1 (2 dof): (2 + 2) / 3
+    assert pooled_seed_sd(members) == pytest.approx((4 / 3) ** 0.5)
+    assert pooled_seed_sd(members[2:]) is None
+
+
+def test_seed_noise_without_spread_is_the_level_off_saving():
+    runs = {"b1": (40e6, 30.0), "b2": (80e6, 34.0), "b3": (160e6, 34.1), "b4": (320e6, 34.2), "h1": (20e6, 30.0),
+            "h2": (60e6, 36.0)}
+    means = [_mean_row(n, "baseline" if n[0] == "b" else "hydranet", macs, [t, t]) for n, (macs, t) in runs.items()]
+    noise = seed_noise(means, 2500, draws=50)
+    point = level_off_savings(_compare([m for m in means if m["family"] == "baseline"],
+                                       [m for m in means if m["family"] == "hydranet"]), 2500)
+    assert (point["top1"], point["macs"]) == (34.0, pytest.approx(80 / (20 + 40 * 4 / 6)))  # 1.71x, as by hand above
+    assert noise["pooled_sd"] == {"baseline": 0.0, "hydranet": 0.0}
+    for q in ("median", "p10", "p90"):
+        assert noise["savings"]["macs"][q] == pytest.approx(point["macs"])
+        assert noise["savings"]["time_b256"][q] == pytest.approx(point["time_b256"])
+    assert noise["share_at_target"] == {"macs": 0.0, "time_b256": 0.0}  # 1.71x < 2x in every draw
+    assert seed_noise(means, 2500, draws=50, target=1.5)["share_at_target"] == {"macs": 1.0, "time_b256": 1.0}
+    means[0]["top1_runs"] = means[4]["top1_runs"] = [30.0]  # one member of each family with repeats suffices
+    assert seed_noise(means, 2500, draws=5) is not None
+    means[5]["top1_runs"] = [36.0]  # a family without repeats has no seed spread to draw from
+    assert seed_noise(means, 2500) is None
+
+
+def test_seed_noise_spreads_the_saving_and_is_reproducible():
+    # a flat dense curve (runs 2 points apart) and HydraNets far cheaper at every level (runs 1 point apart)
+    means = [_mean_row("b1", "baseline", 40e6, [29.0, 31.0]), _mean_row("b2", "baseline", 80e6, [33.0, 35.0]),
+             _mean_row("b3", "baseline", 160e6, [34.0, 35.0]), _mean_row("h1", "hydranet", 10e6, [29.5, 30.5]),
+             _mean_row("h2", "hydranet", 20e6, [37.5, 38.5])]
+    noise = seed_noise(means, 5000, draws=400, seed=3)
+    assert noise["pooled_sd"]["baseline"] == pytest.approx(((2 + 2 + 0.5) / 3) ** 0.5)  # variances 2, 2, 0.5
+    assert noise["pooled_sd"]["hydranet"] == pytest.approx(0.5 ** 0.5)
+    s = noise["savings"]["macs"]
+    assert s["p10"] < s["median"] < s["p90"]
+    assert noise["share_at_target"]["macs"] == 1.0  # the HydraNets reach the dense top-1 by 20M: >= 4x everywhere
+    assert noise == seed_noise(means, 5000, draws=400, seed=3)
+    assert noise != seed_noise(means, 5000, draws=400, seed=4)
 
 
 def test_top1_standard_error_is_binomial():
@@ -339,6 +388,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
            f"{h1['busiest_branch']:.0f} |" in h1_line
     h2 = next(r for r in result["rows"] if r["name"] == "h2")
     assert 50 <= h2["busiest_branch"] <= 100  # B=4, k=2
+    assert compare_rows(result) == result  # the comparisons follow from the rows alone (so repeats can be added)
     proto["ablations"].append({"name": "a2", "model": tiny, "hydra": {"num_branches": 2, "topk": 2}})
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     partial = evaluate_protocol(load_protocol(tmp_path / "p.yaml"))  # a2 never trained: listed, not evaluated
@@ -364,6 +414,8 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "| h1-s1 | repeat of h1 |" in md.read_text()
     assert f"Repeats: top-1 of each run, first the member's own: b1 {top1['b1']:.2f} / {top1['b1-s1']:.2f}" in md.read_text()
     assert "- On the means over repeats (a member without repeats counts with its one run):" in md.read_text()
+    assert "  - Seed noise (2000 draws, each member's mean moved by a normal error of its family's pooled seed sd" \
+        in md.read_text()
     assert "  - The ablation family alt instead of the HydraNets, against the baselines:\n    - Iso-accuracy saving " \
            "in MACs at the baseline family's best top-1" in md.read_text()
     assert result["trained_precisions"] == {"fp32": [r["name"] for r in result["rows"]]}
@@ -473,3 +525,75 @@ def test_eval_only_keeps_results_of_models_whose_runs_are_absent(tmp_path, capsy
     assert (results / "x.json").read_text() == saved
     code, _, err = run_cli(capsys, *argv, "--replace-results")  # goes on to evaluate (and fails on the fake run)
     assert code != 0 and "would not have" not in err
+
+
+@pytest.mark.slow
+def test_repeats_added_to_saved_results_without_the_other_runs(tmp_path, capsys):
+    """--add-repeats: a seed trained after the evaluation joins the saved results with the top-1 a whole evaluation
+    gives it, untimed, in a checkout that lacks the other models' run folders."""
+    import shutil
+
+    from helpers import one_error_line, run_cli
+    tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
+    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "b1", "speed_batches": [32],
+             "speed_repeats": 1,
+             "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
+                                                               "precision": "fp32", "channels_last": False}},
+             "baselines": [{"name": "b1", "model": tiny},
+                           {"name": "b2", "model": {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.5}}}],
+             "hydranets": [{"name": "h1", "model": tiny, "hydra": {"num_branches": 2, "topk": 1}},
+                           {"name": "h2", "model": tiny, "hydra": {"num_branches": 2, "topk": 2}}],
+             "repeats": [{"name": "h1-s1", "repeat_of": "h1", "train": {"seed": 1}}]}
+    config, results = tmp_path / "p.yaml", tmp_path / "results"
+    config.write_text(yaml.safe_dump(proto))
+    argv = ("bench", "pareto", "--config", str(config), "--results", str(results))
+    code, _, err = run_cli(capsys, *argv, "--add-repeats")
+    assert code == 2 and "x.json does not exist; evaluate every model first" in one_error_line(err)
+    write_results(run_protocol(load_protocol(config)), results)
+    saved = json.loads((results / "x.json").read_text())
+    code, _, err = run_cli(capsys, *argv, "--add-repeats")
+    assert code == 2 and "no repeat of protocol x has finished training that" in one_error_line(err)
+    proto["repeats"] += [{"name": "b1-s1", "repeat_of": "b1", "train": {"seed": 1}},
+                         {"name": "b1-s2", "repeat_of": "b1", "train": {"seed": 2}}]
+    config.write_text(yaml.safe_dump(proto))
+    run_protocol(load_protocol(config), only=["b1-s1", "b1-s2"])
+    whole = {r["name"]: r for r in evaluate_protocol(load_protocol(config))["rows"]}
+    for name in ("b2", "h1", "h2", "h1-s1"):  # only the new seeds' runs are here
+        shutil.rmtree(tmp_path / "runs" / name)
+    code, out, err = run_cli(capsys, *argv, "--add-repeats")
+    assert code == 0, err
+    added = json.loads((results / "x.json").read_text())
+    assert added["rows"][:len(saved["rows"])] == saved["rows"]  # what was measured stays as it was
+    new = {r["name"]: r for r in added["rows"][len(saved["rows"]):]}
+    assert list(new) == ["b1-s1", "b1-s2"]
+    for name, row in new.items():
+        same = ("top1", "top5", "macs", "params", "epochs", "subtask_recall", "repeat_of", "family")
+        assert {k: row[k] for k in same} == {k: whole[name][k] for k in same}
+        assert row["images_per_s_b32"] is None
+    means = {m["name"]: m for m in added["seed_means"]["members"]}
+    top1 = {r["name"]: r["top1"] for r in added["rows"]}
+    assert means["b1"]["top1_runs"] == [top1["b1"], top1["b1-s1"], top1["b1-s2"]]
+    assert means["h1"]["top1_runs"] == [top1["h1"], top1["h1-s1"]]
+    b1 = next(r for r in saved["rows"] if r["name"] == "b1")
+    mean_rows = [dict(r, top1=means[r["name"]]["top1"]) for r in saved["rows"] if r["family"] in ("baseline",
+                                                                                                  "hydranet")]
+    h1s = [r for r in saved["rows"] if r["name"] in ("h1", "h1-s1")]  # h1's speed: the median of its timed runs
+    for r in mean_rows:
+        if r["name"] == "h1":
+            r["images_per_s_b32"] = sum(x["images_per_s_b32"] for x in h1s) / 2
+    expect = _compare([r for r in mean_rows if r["family"] == "baseline"],
+                      [r for r in mean_rows if r["family"] == "hydranet"])
+    assert added["seed_means"]["macs"] == expect["macs"] and added["seed_means"]["time_b32"] == expect["time_b32"]
+    assert b1["images_per_s_b32"] > 0 and added["seed_means"]["time_b32"]["baseline_best_cost"] in \
+        {1 / r["images_per_s_b32"] for r in saved["rows"]}
+    md = (results / "x.md").read_text()
+    assert "- Added later without timing (--add-repeats; torch" in md and "): b1-s1, b1-s2: their top-1 counts" in md
+    assert re.search(r"\| b1-s2 \| repeat of b1 \|.*\| - \|$", md, re.M)
+    code, _, err = run_cli(capsys, *argv, "--add-repeats")  # nothing new since
+    assert code == 2 and "no repeat of protocol x has finished training that" in one_error_line(err)
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "x.json").write_text(json.dumps({**saved, "rows": [r for r in saved["rows"] if r["name"] != "b1"]}))
+    code, _, err = run_cli(capsys, "bench", "pareto", "--config", str(config), "--results", str(orphan),
+                           "--add-repeats")
+    assert code == 2 and "repeat 'b1-s1' repeats 'b1', which" in one_error_line(err, "--eval-only")

@@ -131,8 +131,8 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench_pareto(args) -> None:
-    from .pareto import (check_results_kept, evaluate_protocol, finished_entries, load_protocol, protocol_dir,
-                         run_protocol, smoke_protocol, write_results)
+    from .pareto import (add_repeats, check_results_kept, evaluate_protocol, finished_entries, load_protocol,
+                         protocol_dir, run_protocol, smoke_protocol, write_results)
     if args.only:  # `--only A B key=value`: entry names never hold '=', so those words are overrides
         args.overrides += [w for w in args.only if "=" in w]
         args.only = [w for w in args.only if "=" not in w]
@@ -144,8 +144,12 @@ def cmd_bench_pareto(args) -> None:
         args.results = protocol_dir(proto) / "results"
     if args.eval_only and not args.replace_results:  # before minutes of evaluation, not after
         check_results_kept(proto, args.results, finished_entries(proto))
-    result = evaluate_protocol(proto) if args.eval_only else \
-        run_protocol(proto, only_train=args.train_only, only=args.only)
+    if args.add_repeats:
+        result = add_repeats(proto, args.results)
+    elif args.eval_only:
+        result = evaluate_protocol(proto)
+    else:
+        result = run_protocol(proto, only_train=args.train_only, only=args.only)
     if result is not None:
         if not args.replace_results:
             check_results_kept(proto, args.results, {r["name"] for r in result["rows"]})
@@ -218,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "from must have finished): several processes can share a protocol, each its own entries")
     what.add_argument("--eval-only", action="store_true", help="evaluate what has finished (ablations and checks "
                       "that have not are listed as not run)")
+    what.add_argument("--add-repeats", action="store_true", help="add the repeats (seeds) that finished since "
+                      "<protocol>.json was written to it, and compare again, without evaluating or timing the rest "
+                      "(their run folders need not be here)")
     p.add_argument("--results", default="benchmarks/results", help="folder for <protocol>.{json,png,md}")
     p.add_argument("--replace-results", action="store_true", help="replace <protocol>.json even where it holds "
                    "models this evaluation lacks (refused by default: their measurements would be lost)")

@@ -359,49 +359,61 @@ def _main_partition(proto: dict) -> Path | None:
     return path if path.exists() else None
 
 
-def evaluate_protocol(proto: dict) -> dict:
-    """Every finished model of the protocol on one test set in one process, and the two families compared."""
+def _test_setup(proto: dict) -> dict:
+    """What every evaluation of a protocol shares: the device, the precision and the test set as batches."""
     base_cfg = config_from_dict(_merge(copy.deepcopy(proto["base"]), {}))
     device = _device(base_cfg)
-    precision = resolve_precision(base_cfg.train.precision, device)
     from .data import BatchLoader
     _, test_set = load_data(base_cfg)
-    batches = list(BatchLoader(test_set, 256, train=False, device=device, prefetch=False))
-    size = tuple(test_set.images.shape[1:])
-    rows, candidates, not_run, missing = [], {}, [], []
     partition = _main_partition(proto)
-    membership = Partition.load(partition).membership() if partition else None
+    return {"cfg": base_cfg, "device": device, "precision": resolve_precision(base_cfg.train.precision, device),
+            "test_set": test_set, "size": tuple(test_set.images.shape[1:]),
+            "batches": list(BatchLoader(test_set, 256, train=False, device=device, prefetch=False)),
+            "membership": Partition.load(partition).membership() if partition else None}
+
+
+def _evaluate_entry(proto: dict, family: str, entry: dict, setup: dict) -> tuple[dict, torch.nn.Module, dict]:
+    """One finished model on the test set: its row (accuracy, routing diagnostics, MACs, parameters; no speed), the
+    model and the keyword arguments its cost and speed are measured with."""
+    model, ckpt = load_trained(Path(model_config(proto, entry).out), setup["device"])
+    model = model.to(memory_format=torch.channels_last)
+    k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
+    kw = {"topk": k} if k else {}
+    membership = setup["membership"]
+    ev = evaluate(model, setup["batches"], topk=k, precision=setup["precision"], collect_probs=k is None,
+                  true_route=k is not None and membership is not None, shuffled_branches=k is not None)
+    if k is None and membership is not None:
+        ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
+    row = {"name": entry["name"], "family": family, "curve": entry.get("family"), "repeat_of": entry.get("repeat_of"),
+           "model": ckpt["model_info"]["name"], "k": k,
+           "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
+           "true_route_top1": ev.get("true_route_top1"), "shuffled_top1": ev.get("shuffled_top1"),
+           "busiest_branch": 100 * max(ev["branch_load"]) if ev.get("branch_load") else None,
+           "subtask_recall": ev.get("subtask_recall"),
+           "macs": model_macs(model, setup["size"], **kw), "params": count_params(model),
+           "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt),
+           "partial_schedule": stops_early(ckpt["config"]),
+           "train_precision": ckpt.get("config", {}).get("train", {}).get("precision")}
+    return row, model, kw
+
+
+def evaluate_protocol(proto: dict) -> dict:
+    """Every finished model of the protocol on one test set in one process, and the two families compared."""
+    setup = _test_setup(proto)
+    rows, candidates, not_run, missing = [], {}, [], []
     for family, entries in (("baseline", proto["baselines"]), ("hydranet", proto["hydranets"]),
                             ("ablation", proto.get("ablations", [])), ("check", proto.get("checks", [])),
                             ("repeat", proto.get("repeats", []))):
         for entry in entries:
-            run = Path(model_config(proto, entry).out)
-            if not (run / "summary.json").exists():  # reported as not run; a family member is named as missing
-                not_run.append(entry["name"])
+            if not (Path(model_config(proto, entry).out) / "summary.json").exists():  # listed as not run; a family
+                not_run.append(entry["name"])                                           # member named as missing
                 if family in ("baseline", "hydranet"):
                     missing.append(entry["name"])
                     print(f"warning: {family} {entry['name']} has not finished training; the {family} curve is "
                           "compared without it", file=sys.stderr, flush=True)
                 continue
-            model, ckpt = load_trained(run, device)
-            model = model.to(memory_format=torch.channels_last)
-            k = ckpt.get("topk") if ckpt["model_info"]["hydra"] else None
-            kw = {"topk": k} if k else {}
-            ev = evaluate(model, batches, topk=k, precision=precision, collect_probs=k is None,
-                          true_route=k is not None and membership is not None, shuffled_branches=k is not None)
-            if k is None and membership is not None:
-                ev["subtask_recall"] = subtask_recall(ev["probs"], ev["labels"], membership)
-            rows.append({"name": entry["name"], "family": family, "curve": entry.get("family"),
-                         "repeat_of": entry.get("repeat_of"),
-                         "model": ckpt["model_info"]["name"], "k": k,
-                         "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
-                         "true_route_top1": ev.get("true_route_top1"), "shuffled_top1": ev.get("shuffled_top1"),
-                         "busiest_branch": 100 * max(ev["branch_load"]) if ev.get("branch_load") else None,
-                         "subtask_recall": ev.get("subtask_recall"),
-                         "macs": model_macs(model, size, **kw), "params": count_params(model),
-                         "epochs": ckpt["epoch"], "total_epochs": total_epochs(ckpt),
-                         "partial_schedule": stops_early(ckpt["config"]),
-                         "train_precision": ckpt.get("config", {}).get("train", {}).get("precision")})
+            row, model, kw = _evaluate_entry(proto, family, entry, setup)
+            rows.append(row)
             candidates[entry["name"]] = (model, kw)
     mixed = trained_precisions(rows)
     if len(mixed) > 1:
@@ -413,17 +425,26 @@ def evaluate_protocol(proto: dict) -> dict:
                              "(run without --eval-only)")
     speed_batches = proto.get("speed_batches", [256, 1])
     fold = proto.get("fold_batchnorms", True)
-    images = first_images(batches, max(speed_batches))
+    precision = setup["precision"]
+    images = first_images(setup["batches"], max(speed_batches))
     for bs in speed_batches:
-        speed = compare_speed(candidates, size, bs, repeats=proto.get("speed_repeats", 5),
+        speed = compare_speed(candidates, setup["size"], bs, repeats=proto.get("speed_repeats", 5),
                               autocast=torch.bfloat16 if precision == "bf16" else None, images=images, fold=fold)
         for r in rows:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
-    result = {"protocol": proto["protocol"], "dataset": base_cfg.data.name, "classes": len(test_set.classes),
-              "device": str(device), "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "fold_batchnorms": fold, "test_images": len(test_set), "rows": rows,
-              "not_run": not_run, "trained_precisions": mixed,
-              "missing_members": missing}
+    test_set = setup["test_set"]
+    return compare_rows({"protocol": proto["protocol"], "dataset": setup["cfg"].data.name,
+                         "classes": len(test_set.classes), "device": str(setup["device"]), "precision": precision,
+                         "torch": torch.__version__, "threads": torch.get_num_threads(), "fold_batchnorms": fold,
+                         "test_images": len(test_set), "rows": rows, "not_run": not_run,
+                         "trained_precisions": mixed, "missing_members": missing})
+
+
+def compare_rows(result: dict) -> dict:
+    """``result`` (its evaluated ``rows`` and what they were measured on) with the families compared: the HydraNets
+    against the baselines, the check and ablation families, and on the means over repeats."""
+    result = {k: v for k, v in result.items() if k not in ("macs", "seed_means") and not k.startswith("time_b")}
+    rows = result["rows"]
     hydra = [r for r in rows if r["family"] == "hydranet"]
     baseline = [r for r in rows if r["family"] == "baseline"]
     result.update(_compare(baseline, hydra))
@@ -441,6 +462,47 @@ def evaluate_protocol(proto: dict) -> dict:
                                 **_compare(mean_base, mean_hydra),
                                 "ablation_families": {n: _compare(mean_base, g) for n, g in mean_ablations.items()},
                                 "vs_ablation_families": {n: _compare(g, mean_hydra) for n, g in mean_ablations.items()}}
+        if result.get("test_images"):
+            result["seed_means"]["seed_noise"] = seed_noise(means, result["test_images"])
+    return result
+
+
+def add_repeats(proto: dict, results_dir: str | Path) -> dict:
+    """The saved results with the protocol's newly finished repeats added, without evaluating the rest again.
+
+    A repeat adds its accuracy (the same on any run of the same test set, weights and precision), so the means over
+    repeats and their comparisons are recomputed; its speed is not timed, as speeds compare only when measured side
+    by side, and the means keep the speeds of the evaluation that timed every model (a repeat is its member's
+    network). This lets seeds be added in a checkout that lacks the other models' run folders."""
+    path = Path(results_dir) / f"{proto['protocol']}.json"
+    if not path.exists():
+        raise HydraError(f"{path} does not exist; evaluate every model first (--eval-only), then add repeats to it")
+    saved = json.loads(path.read_text())
+    have = {r["name"] for r in saved["rows"]}
+    new = [e for e in proto.get("repeats", []) if e["name"] not in have
+           and (Path(model_config(proto, e).out) / "summary.json").exists()]
+    if not new:
+        raise HydraError(f"no repeat of protocol {proto['protocol']} has finished training that {path} lacks; "
+                         "add one to the protocol's repeats and train it with --only NAME first")
+    orphan = next((e for e in new if e["repeat_of"] not in have), None)
+    if orphan:
+        raise HydraError(f"repeat {orphan['name']!r} repeats {orphan['repeat_of']!r}, which {path} does not hold; "
+                         "evaluate every model with --eval-only instead")
+    setup = _test_setup(proto)
+    if setup["precision"] != saved["precision"] or len(setup["test_set"]) != saved.get("test_images"):
+        raise HydraError(f"{path} was evaluated in {saved['precision']} on {saved.get('test_images')} test images, "
+                         f"this evaluation would be in {setup['precision']} on {len(setup['test_set'])}; set "
+                         "train.precision (or the data) to match, or evaluate every model with --eval-only")
+    speeds = [k for k in saved["rows"][0] if k.startswith("images_per_s_b")]
+    rows = list(saved["rows"])
+    for entry in new:
+        row = _evaluate_entry(proto, "repeat", entry, setup)[0]
+        rows.append({**row, **{k: None for k in speeds}})
+    added = saved.get("added_untimed", []) + [{"names": [e["name"] for e in new], "torch": torch.__version__,
+                                               "device": str(setup["device"])}]
+    result = compare_rows({**saved, "rows": rows, "not_run": [n for n in saved.get("not_run", [])
+                                                             if n not in {e["name"] for e in new}],
+                           "trained_precisions": trained_precisions(rows), "added_untimed": added})
     return result
 
 
@@ -460,7 +522,8 @@ def _precision_list(by_precision: dict[str, list[str]]) -> str:
 
 def seed_means(rows: list[dict]) -> list[dict]:
     """Each baseline, HydraNet and ablation-family row with its evaluated repeats folded in: top-1 the mean over
-    the runs (``top1_runs``, member first; ``top1_sd`` their sample standard deviation), images/s the median."""
+    the runs (``top1_runs``, member first; ``top1_sd`` their sample standard deviation), images/s the median of the
+    timed ones."""
     out = []
     for r in rows:
         if r["family"] not in ("baseline", "hydranet") and not (r["family"] == "ablation" and r.get("curve")):
@@ -469,8 +532,8 @@ def seed_means(rows: list[dict]) -> list[dict]:
         runs = [g["top1"] for g in group]
         mean = dict(r, top1=float(np.mean(runs)), top1_runs=runs,
                     top1_sd=float(np.std(runs, ddof=1)) if len(runs) > 1 else None)
-        for key in (k for k in r if k.startswith("images_per_s_b")):
-            mean[key] = float(np.median([g[key] for g in group]))
+        for key in (k for k in r if k.startswith("images_per_s_b")):  # repeats added untimed hold None
+            mean[key] = float(np.median([g[key] for g in group if g[key] is not None]))
         out.append(mean)
     return out
 
@@ -559,20 +622,87 @@ def level_off_point(along: list[dict], tolerance: float) -> dict | None:
     return next(p for p in along if p["top1"] >= best - tolerance)
 
 
-def _level_off_line(comp: dict, bss: list[str], test_images: int) -> list[str]:
-    """The saving where the baseline curve levels off, in MACs and measured time, if that is not its best point."""
+def level_off_savings(comp: dict, test_images: int) -> dict | None:
+    """Where the baseline curve of a comparison levels off (``level_off_point`` within one binomial standard error of
+    its best top-1): that point's top-1 and MACs, and the saving there in MACs and in each measured time (None where
+    the HydraNets do not reach it, or the time curve has no such point)."""
     along = comp["macs"].get("saving_along_baseline", [])
     tolerance = top1_standard_error(comp["macs"]["baseline_best_top1"], test_images)
     point = level_off_point(along, tolerance)
-    if point is None or point is along[-1]:
+    if point is None:
+        return None
+    out = {"top1": point["top1"], "cost": point["cost"], "tolerance": tolerance, "is_best": point is along[-1],
+           "macs": point["saving"]}
+    for key in (k for k in comp if k.startswith("time_b")):
+        same = [p for p in comp[key].get("saving_along_baseline", []) if p["top1"] == point["top1"]]
+        out[key] = same[0]["saving"] if same else None
+    return out
+
+
+def pooled_seed_sd(members: list[dict]) -> float | None:
+    """The pooled sample standard deviation of top-1 over seeds of the members with repeats (each weighted by its
+    runs - 1); None if none has repeats."""
+    groups = [m["top1_runs"] for m in members if len(m["top1_runs"]) > 1]
+    if not groups:
+        return None
+    dof = sum(len(g) - 1 for g in groups)
+    return math.sqrt(sum((len(g) - 1) * float(np.var(g, ddof=1)) for g in groups) / dof)
+
+
+def seed_noise(means: list[dict], test_images: int, draws: int = 2000, seed: int = 0, target: float = 2.0,
+               time_share: float = 0.8) -> dict | None:
+    """How far the saving where the dense curve levels off, on the means over repeats, hangs on the seeds.
+
+    Each draw moves every baseline and HydraNet member's mean by a normal error of its family's pooled seed standard
+    deviation / sqrt(its runs), then compares the families again (the level-off point included). Returns the pooled
+    sds, each saving's median and 10th / 90th percentiles (a draw whose HydraNets do not reach the level counts as no
+    saving, 0) and the share of draws with at least ``target`` x in MACs, and with that and at least ``time_share``
+    of the MACs saving in each measured time. None unless both families have repeats."""
+    fams = {f: [m for m in means if m["family"] == f] for f in ("baseline", "hydranet")}
+    sds = {f: pooled_seed_sd(ms) for f, ms in fams.items()}
+    if None in sds.values() or not all(fams.values()):
+        return None
+    rng = np.random.default_rng(seed)
+    got: dict[str, list[float]] = {}
+    for _ in range(draws):
+        moved = {f: [dict(m, top1=m["top1"] + rng.normal() * sds[f] / math.sqrt(len(m["top1_runs"]))) for m in ms]
+                 for f, ms in fams.items()}
+        point = level_off_savings(_compare(moved["baseline"], moved["hydranet"]), test_images)
+        for key, value in point.items():
+            if key == "macs" or key.startswith("time_b"):
+                got.setdefault(key, []).append(value or 0.0)
+    savings = {k: {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)),
+                   "p90": float(np.percentile(v, 90))} for k, v in got.items()}
+    macs = np.array(got["macs"])
+    share = {"macs": float(np.mean(macs >= target))}
+    for key in (k for k in got if k != "macs"):
+        share[key] = float(np.mean((macs >= target) & (np.array(got[key]) >= time_share * macs)))
+    return {"draws": draws, "pooled_sd": sds, "savings": savings, "target": target, "time_share": time_share,
+            "share_at_target": share}
+
+
+def _level_off_line(comp: dict, bss: list[str], test_images: int) -> list[str]:
+    """The saving where the baseline curve levels off, in MACs and measured time, if that is not its best point."""
+    point = level_off_savings(comp, test_images)
+    if point is None or point["is_best"]:
         return []
-    times = []
-    for b in bss:
-        same = [p for p in comp[f"time_b{b}"].get("saving_along_baseline", []) if p["top1"] == point["top1"]]
-        times.append(f"{_times(same[0]['saving'] if same else None)} in batch-{b} time")
-    return [f"- Where the dense curve levels off (its cheapest point within one standard error, {tolerance:.2f} "
+    times = [f"{_times(point.get(f'time_b{b}'))} in batch-{b} time" for b in bss]
+    return [f"- Where the dense curve levels off (its cheapest point within one standard error, {point['tolerance']:.2f} "
             f"points, of its best top-1: {point['top1']:.2f}% at {point['cost'] / 1e6:.1f}M MACs): iso-accuracy "
-            f"saving {_times(point['saving'])} in MACs, " + ", ".join(times)]
+            f"saving {_times(point['macs'])} in MACs, " + ", ".join(times)]
+
+
+def _seed_noise_line(noise: dict, bss: list[str]) -> str:
+    s, sd = noise["savings"], noise["pooled_sd"]
+    spread = lambda k: f"median {_times(s[k]['median'])} (10-90%: {_times(s[k]['p10'])} to {_times(s[k]['p90'])})"  # noqa: E731
+    share = noise["share_at_target"]
+    return (f"- Seed noise ({noise['draws']} draws, each member's mean moved by a normal error of its family's pooled "
+            f"seed sd / sqrt(runs): dense {sd['baseline']:.2f}, HydraNets {sd['hydranet']:.2f} points): the saving "
+            f"where the dense curve levels off in MACs {spread('macs')}, "
+            + ", ".join(f"in batch-{b} time {spread(f'time_b{b}')}" for b in bss if f"time_b{b}" in s)
+            + f"; at least {noise['target']:g}x in MACs in {100 * share['macs']:.0f}% of draws"
+            + "".join(f", and with batch-{b} time at least {noise['time_share']:g} of it in "
+                      f"{100 * share[f'time_b{b}']:.0f}%" for b in bss if f"time_b{b}" in share))
 
 
 def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "the HydraNet family",
@@ -625,6 +755,8 @@ def _seed_lines(means: dict, bss: list[str], test_images: int | None = None) -> 
     lines = [f"- Repeats: top-1 of each run, first the member's own: {'; '.join(runs)}",
              "- On the means over repeats (a member without repeats counts with its one run):"] + \
         ["  " + line for line in _comparison_lines(means, bss, "the baseline family", test_images=test_images)]
+    if means.get("seed_noise"):
+        lines.append("  " + _seed_noise_line(means["seed_noise"], bss))
     for group in means.get("ablation_families", {}):
         lines += ["  " + line for line in _ablation_family_lines(means, group, group, bss, test_images)]
     return lines
@@ -657,7 +789,7 @@ def markdown_table(result: dict) -> str:
                      f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | "
                      f"{_fmt(r.get('shuffled_top1'), '.2f', '-')} | "
                      f"{_fmt(r.get('busiest_branch'), '.0f', '-')} | {r['macs'] / 1e6:.1f} | "
-                     f"{r['params'] / 1e6:.2f} | " + " | ".join(f"{r['images_per_s_b' + b]:.0f}" for b in bss) + " |")
+                     f"{r['params'] / 1e6:.2f} | " + " | ".join(_fmt(r['images_per_s_b' + b], ".0f", "-") for b in bss) + " |")
     lines.append("")
     if any(r.get("subtask_recall") is not None for r in result["rows"]):
         lines.append("- Gate recall: a HydraNet gate's recall@k of the true subtask; in parentheses, for a dense network, "
@@ -684,6 +816,10 @@ def markdown_table(result: dict) -> str:
         lines += _ablation_family_lines(result, group, f"{group} ({members})", bss, n)
     if result.get("seed_means"):
         lines += _seed_lines(result["seed_means"], bss, n)
+    for added in result.get("added_untimed", []):
+        lines.append(f"- Added later without timing (--add-repeats; torch {added['torch']}, {added['device']}): "
+                     f"{', '.join(added['names'])}: their top-1 counts in the means over repeats, whose speeds are those of "
+                     "the timed runs")
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     if result.get("missing_members"):
