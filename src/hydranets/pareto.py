@@ -494,16 +494,13 @@ def add_repeats(proto: dict, results_dir: str | Path) -> dict:
                          f"this evaluation would be in {setup['precision']} on {len(setup['test_set'])}; set "
                          "train.precision (or the data) to match, or evaluate every model with --eval-only")
     speeds = [k for k in saved["rows"][0] if k.startswith("images_per_s_b")]
-    rows = list(saved["rows"])
-    for entry in new:
-        row = _evaluate_entry(proto, "repeat", entry, setup)[0]
-        rows.append({**row, **{k: None for k in speeds}})
-    added = saved.get("added_untimed", []) + [{"names": [e["name"] for e in new], "torch": torch.__version__,
+    rows = saved["rows"] + [{**_evaluate_entry(proto, "repeat", e, setup)[0], **{k: None for k in speeds}}
+                            for e in new]
+    names = [e["name"] for e in new]
+    added = saved.get("added_untimed", []) + [{"names": names, "torch": torch.__version__,
                                                "device": str(setup["device"])}]
-    result = compare_rows({**saved, "rows": rows, "not_run": [n for n in saved.get("not_run", [])
-                                                             if n not in {e["name"] for e in new}],
-                           "trained_precisions": trained_precisions(rows), "added_untimed": added})
-    return result
+    return compare_rows({**saved, "rows": rows, "not_run": [n for n in saved.get("not_run", []) if n not in names],
+                         "trained_precisions": trained_precisions(rows), "added_untimed": added})
 
 
 def trained_precisions(rows: list[dict]) -> dict[str, list[str]]:
@@ -660,7 +657,7 @@ def seed_noise(means: list[dict], test_images: int, draws: int = 2000, seed: int
     of the MACs saving in each measured time. None unless both families have repeats."""
     fams = {f: [m for m in means if m["family"] == f] for f in ("baseline", "hydranet")}
     sds = {f: pooled_seed_sd(ms) for f, ms in fams.items()}
-    if None in sds.values() or not all(fams.values()):
+    if None in sds.values():
         return None
     rng = np.random.default_rng(seed)
     got: dict[str, list[float]] = {}
@@ -789,7 +786,8 @@ def markdown_table(result: dict) -> str:
                      f"{r['top5']:.2f} | {_recall(r)} | {_fmt(r.get('true_route_top1'), '.2f', '-')} | "
                      f"{_fmt(r.get('shuffled_top1'), '.2f', '-')} | "
                      f"{_fmt(r.get('busiest_branch'), '.0f', '-')} | {r['macs'] / 1e6:.1f} | "
-                     f"{r['params'] / 1e6:.2f} | " + " | ".join(_fmt(r['images_per_s_b' + b], ".0f", "-") for b in bss) + " |")
+                     f"{r['params'] / 1e6:.2f} | "
+                     + " | ".join(_fmt(r['images_per_s_b' + b], ".0f", "-") for b in bss) + " |")
     lines.append("")
     if any(r.get("subtask_recall") is not None for r in result["rows"]):
         lines.append("- Gate recall: a HydraNet gate's recall@k of the true subtask; in parentheses, for a dense network, "
@@ -818,8 +816,8 @@ def markdown_table(result: dict) -> str:
         lines += _seed_lines(result["seed_means"], bss, n)
     for added in result.get("added_untimed", []):
         lines.append(f"- Added later without timing (--add-repeats; torch {added['torch']}, {added['device']}): "
-                     f"{', '.join(added['names'])}: their top-1 counts in the means over repeats, whose speeds are those of "
-                     "the timed runs")
+                     f"{', '.join(added['names'])}: their top-1 counts in the means over repeats, whose speeds are "
+                     "those of the timed runs")
     if result.get("not_run"):
         lines.append(f"- Not trained, so not in the table: {', '.join(result['not_run'])}")
     if result.get("missing_members"):
