@@ -501,9 +501,44 @@ def test_subtasks_from_a_check(tmp_path):
     assert meta["baseline"] == str(runs / "c")
     proto["partition_from"] = "h"
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
-    with pytest.raises(HydraError, match=re.escape("partition_from 'h' is neither a baseline nor a check of the "
-                                                   "protocol")):
+    with pytest.raises(HydraError, match=re.escape("partition_from 'h' is neither a baseline, a baseline's repeat nor a "
+                                                   "check of the protocol")):
         load_protocol(tmp_path / "p.yaml")
+
+
+def test_subtasks_from_another_seed_for_one_entry(tmp_path):
+    """An entry's own partition_from (here a baseline's repeat: another seed) gives it subtasks from that network, in
+    a file of their own, while the other HydraNets keep the protocol's; a source that is no network is refused."""
+    tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
+    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "b",
+             "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
+                                                               "precision": "fp32", "channels_last": False}},
+             "baselines": [{"name": "b", "model": tiny}],
+             "hydranets": [{"name": "h", "model": tiny, "hydra": {"num_branches": 2, "topk": 1}}],
+             "ablations": [{"name": "a", "family": "other subtasks", "model": tiny, "partition_from": "b-s1",
+                            "hydra": {"num_branches": 2, "topk": 1}}],
+             "repeats": [{"name": "b-s1", "repeat_of": "b", "train": {"seed": 1}},
+                         {"name": "a-s1", "repeat_of": "a", "train": {"seed": 1}}]}
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(proto))
+    run_protocol(load_protocol(config), only=["b"])
+    with pytest.raises(HydraError, match=r"partition_from baseline .*b-s1 has not finished training; .*--only b-s1"):
+        run_protocol(load_protocol(config), only=["a"])
+    run_protocol(load_protocol(config), only=["b-s1", "h", "a", "a-s1"])
+    runs = tmp_path / "runs"
+    own, other = runs / "partition_kmeans_b2.json", runs / "partition_kmeans_b2_from-b-s1.json"
+    assert json.loads(own.read_text())["meta"]["baseline"] == str(runs / "b")
+    assert json.loads(other.read_text())["meta"]["baseline"] == str(runs / "b-s1")
+    used = {n: yaml.safe_load((runs / n / "config.yaml").read_text())["hydra"]["partition"] for n in ("h", "a", "a-s1")}
+    assert used == {"h": str(own), "a": str(other), "a-s1": str(other)}
+    for bad, words in (({"partition_from": "h"}, "partition_from 'h' is neither a baseline, a baseline's repeat nor"),
+                       ({"partition_from": "b@1"}, "'b@1', but 'b' does not keep that epoch")):
+        config.write_text(yaml.safe_dump({**proto, "ablations": [{**proto["ablations"][0], **bad}]}))
+        with pytest.raises(HydraError, match=re.escape(words)):
+            load_protocol(config)
+    config.write_text(yaml.safe_dump({**proto, "baselines": [{"name": "b", "model": tiny, "partition_from": "b"}]}))
+    with pytest.raises(HydraError, match="entry 'b' has a partition_from but is not a HydraNet"):
+        load_protocol(config)
 
 
 def test_eval_only_keeps_results_of_models_whose_runs_are_absent(tmp_path, capsys):
@@ -552,7 +587,7 @@ def test_repeats_added_to_saved_results_without_the_other_runs(tmp_path, capsys)
     write_results(run_protocol(load_protocol(config)), results)
     saved = json.loads((results / "x.json").read_text())
     code, _, err = run_cli(capsys, *argv, "--add-repeats")
-    assert code == 2 and "no repeat of protocol x has finished training that" in one_error_line(err)
+    assert code == 2 and "no repeat or ablation of protocol x has finished training that" in one_error_line(err)
     proto["repeats"] += [{"name": "b1-s1", "repeat_of": "b1", "train": {"seed": 1}},
                          {"name": "b1-s2", "repeat_of": "b1", "train": {"seed": 2}}]
     config.write_text(yaml.safe_dump(proto))
@@ -590,7 +625,25 @@ def test_repeats_added_to_saved_results_without_the_other_runs(tmp_path, capsys)
     assert "- Added later without timing (--add-repeats; torch" in md and "): b1-s1, b1-s2: their top-1 counts" in md
     assert re.search(r"\| b1-s2 \| repeat of b1 \|.*\| - \|$", md, re.M)
     code, _, err = run_cli(capsys, *argv, "--add-repeats")  # nothing new since
-    assert code == 2 and "no repeat of protocol x has finished training that" in one_error_line(err)
+    assert code == 2 and "no repeat or ablation of protocol x has finished training that" in one_error_line(err)
+    proto["ablations"] = [{"name": "a1", "family": "random subtasks", "model": tiny, "partition": {"method": "random"},
+                           "hydra": {"num_branches": 2, "topk": 1}}]  # an ablation and its seed, trained later
+    proto["repeats"].append({"name": "a1-s1", "repeat_of": "a1", "train": {"seed": 1}})
+    config.write_text(yaml.safe_dump(proto))
+    run_protocol(load_protocol(config), only=["a1", "a1-s1"])
+    code, out, err = run_cli(capsys, *argv, "--add-repeats")
+    assert code == 0, err
+    later = json.loads((results / "x.json").read_text())
+    assert later["rows"][:len(added["rows"])] == added["rows"]
+    new = {r["name"]: r for r in later["rows"][len(added["rows"]):]}
+    assert [(n, r["family"], r["curve"], r["images_per_s_b32"]) for n, r in new.items()] == \
+        [("a1", "ablation", "random subtasks", None), ("a1-s1", "repeat", None, None)]
+    means = {m["name"]: m for m in later["seed_means"]["members"]}
+    assert means["a1"]["top1_runs"] == [new["a1"]["top1"], new["a1-s1"]["top1"]]
+    assert later["seed_means"]["macs"] == added["seed_means"]["macs"]  # the families' comparison is unchanged
+    md = (results / "x.md").read_text()
+    assert f"a1 {new['a1']['top1']:.2f} / {new['a1-s1']['top1']:.2f} (mean {means['a1']['top1']:.2f}" in md
+    assert re.search(r"\| a1 \| ablation \(random subtasks\) \|.*\| - \|$", md, re.M)
     orphan = tmp_path / "orphan"
     orphan.mkdir()
     (orphan / "x.json").write_text(json.dumps({**saved, "rows": [r for r in saved["rows"] if r["name"] != "b1"]}))

@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "from must have finished): several processes can share a protocol, each its own entries")
     what.add_argument("--eval-only", action="store_true", help="evaluate what has finished (ablations and checks "
                       "that have not are listed as not run)")
-    what.add_argument("--add-repeats", action="store_true", help="add the repeats (seeds) that finished since "
-                      "<protocol>.json was written to it, and compare again, without evaluating or timing the rest "
-                      "(their run folders need not be here)")
+    what.add_argument("--add-repeats", action="store_true", help="add the repeats (seeds) and ablations that "
+                      "finished since <protocol>.json was written to it, and compare again, without evaluating or "
+                      "timing the rest (their run folders need not be here)")
     p.add_argument("--results", default="benchmarks/results", help="folder for <protocol>.{json,png,md}")
     p.add_argument("--replace-results", action="store_true", help="replace <protocol>.json even where it holds "
                    "models this evaluation lacks (refused by default: their measurements would be lost)")

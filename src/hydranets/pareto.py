@@ -97,6 +97,12 @@ def check_entries(proto: dict, path: str | Path) -> None:
     hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     for entry in entries:
         cfg = model_config(proto, entry)  # check every entry before training anything
+        if "partition_from" in entry:
+            if entry not in hydras:
+                raise HydraError(f"protocol {path}: entry {entry['name']!r} has a partition_from but is not a "
+                                 "HydraNet (only HydraNets use subtasks); move it under hydranets or ablations")
+            partition_source(proto, entry["partition_from"])
+            check_kept(str(entry["partition_from"]), f"entry {entry['name']!r} partition_from")
         ref = cfg.hydra.init_from if "hydra" in entry else None
         if ref not in (None, "baseline"):
             name, epoch = split_source(ref)
@@ -117,15 +123,23 @@ def check_entries(proto: dict, path: str | Path) -> None:
                              "ablations of one family with the baselines)")
 
 
-def partition_source(proto: dict) -> dict:
-    """The entry ``partition_from`` names: a baseline, or a check (e.g. a network of another schedule whose subtasks
-    a protocol shares with an earlier one)."""
-    name = split_source(str(proto["partition_from"]))[0]
-    src = next((e for e in proto["baselines"] + proto.get("checks", []) if e["name"] == name), None)
+def partition_source(proto: dict, ref: str | None = None) -> dict:
+    """The entry a ``partition_from`` names (the protocol's, or ``ref``: an entry's own): a baseline, a baseline's
+    repeat (subtasks of another seed), or a check (e.g. a network of another schedule whose subtasks a protocol
+    shares with an earlier one)."""
+    ref = str(proto["partition_from"] if ref is None else ref)
+    name = split_source(ref)[0]
+    src = next((e for e in proto["baselines"] + repeats_of(proto, "baseline") + proto.get("checks", [])
+                if e["name"] == name), None)
     if src is None:
-        raise HydraError(f"partition_from {proto['partition_from']!r} is neither a baseline nor a check of the "
+        raise HydraError(f"partition_from {ref!r} is neither a baseline, a baseline's repeat nor a check of the "
                          "protocol; name the entry whose outputs give the subtasks")
     return src
+
+
+def entry_partition_from(proto: dict, entry: dict) -> str:
+    """Where a HydraNet entry's subtasks come from: its own ``partition_from``, else the protocol's."""
+    return str(entry.get("partition_from", proto["partition_from"]))
 
 
 def all_entries(proto: dict) -> list[dict]:
@@ -170,6 +184,10 @@ def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512
             entry["hydra"] = {**entry["hydra"], "init_from": f"{name}@{at(epoch)}"}
         if "hydra" in entry and cfg.hydra.oracle_epochs:
             entry["hydra"]["oracle_epochs"] = cfg.hydra.oracle_epochs * 2 / longest
+        ref = entry.get("partition_from")
+        if ref and "@" in str(ref):
+            name, epoch = split_source(str(ref))
+            entry["partition_from"] = f"{name}@{at(epoch)}"
     name, epoch = split_source(str(p["partition_from"]))
     if epoch is not None:
         p["partition_from"] = f"{name}@{at(epoch)}"
@@ -185,15 +203,17 @@ def protocol_dir(proto: dict) -> Path:
     return Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
 
 
-def partition_path(proto: dict, method: str, num_subsets: int) -> Path:
-    return protocol_dir(proto) / f"partition_{method}_b{num_subsets}.json"
+def partition_path(proto: dict, method: str, num_subsets: int, source: str | None = None) -> Path:
+    """The subtasks file of the protocol's ``partition_from``, or of another ``source`` (named in the file)."""
+    tail = "" if source in (None, str(proto["partition_from"])) else "_from-" + str(source).replace("@", "-epoch")
+    return protocol_dir(proto) / f"partition_{method}_b{num_subsets}{tail}.json"
 
 
 def model_config(proto: dict, entry: dict) -> Config:
     """The training config of one family member: the shared base, then the entry's own settings."""
     if "name" not in entry:
         raise HydraError(f"protocol entry {entry} lacks a 'name'")
-    own = {k: v for k, v in entry.items() if k not in ("name", "family", "repeat_of")}
+    own = {k: v for k, v in entry.items() if k not in ("name", "family", "repeat_of", "partition_from")}
     data = _merge(copy.deepcopy(proto["base"]), own)
     data["out"] = str(protocol_dir(proto) / entry["name"])
     return config_from_dict(data)
@@ -292,16 +312,16 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     for entry in filter(wanted, proto["baselines"] + repeats_of(proto, "baseline")):
         say(f"baseline {entry['name']}")
         train(with_teacher(model_config(proto, entry)), resume=True)
-    src_name, src_epoch = split_source(proto["partition_from"])
-    src = partition_source(proto)
-    src_cfg = model_config(proto, src)
-    src_role = "partition_from " + ("baseline" if src in proto["baselines"] else "check")
 
-    def partition_file(method: str, b: int) -> Path:
-        path = partition_path(proto, method, b)
+    def partition_file(method: str, b: int, ref: str) -> Path:
+        path = partition_path(proto, method, b, ref)
         if not path.exists():
+            src_name, src_epoch = split_source(ref)
+            src = partition_source(proto, ref)
+            src_cfg = model_config(proto, src)
+            src_role = "partition_from " + ("check" if src in proto.get("checks", []) else "baseline")
             source = _finished(src_cfg, src_role) if src_epoch is None else _kept(src_cfg, src_name, src_epoch, src_role)
-            say(f"subtasks {method}_b{b} from {proto['partition_from']}")
+            say(f"subtasks {method}_b{b} from {ref}")
             cfg = copy.deepcopy(src_cfg)
             cfg.partition.method = method
             compute_partition(cfg, source, path, b)
@@ -309,7 +329,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
 
     hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
     sources = {split_source(e["hydra"]["init_from"])[0] for e in filter(wanted, hydras)
-               if e.get("hydra", {}).get("init_from")} | {src_name}
+               if e.get("hydra", {}).get("init_from")} | {split_source(proto["partition_from"])[0]} \
+        | {split_source(entry_partition_from(proto, e))[0] for e in filter(wanted, hydras)}
     for entry in proto.get("checks", []):  # checks that HydraNets start from, or take their subtasks from, train first
         if entry["name"] in sources and wanted(entry):
             say(f"check {entry['name']}")
@@ -317,7 +338,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     for entry in filter(wanted, hydras):
         cfg = model_config(proto, entry)
         cfg.hydra.enabled = True
-        cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches))
+        cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches,
+                                                 entry_partition_from(proto, entry)))
         if cfg.hydra.init_from == "baseline":  # the trained baseline of the same backbone, if the protocol has one
             same = [model_config(proto, e) for e in proto["baselines"]]
             same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
@@ -468,23 +490,27 @@ def compare_rows(result: dict) -> dict:
 
 
 def add_repeats(proto: dict, results_dir: str | Path) -> dict:
-    """The saved results with the protocol's newly finished repeats added, without evaluating the rest again.
+    """The saved results with the protocol's newly finished repeats and ablations added, without evaluating the rest
+    again.
 
     A repeat adds its accuracy (the same on any run of the same test set, weights and precision), so the means over
     repeats and their comparisons are recomputed; its speed is not timed, as speeds compare only when measured side
     by side, and the means keep the speeds of the evaluation that timed every model (a repeat is its member's
-    network). This lets seeds be added in a checkout that lacks the other models' run folders."""
+    network). An ablation joins the same way, untimed, so its family is compared in MACs only. This lets seeds and
+    ablations be added in a checkout that lacks the other models' run folders."""
     path = Path(results_dir) / f"{proto['protocol']}.json"
     if not path.exists():
         raise HydraError(f"{path} does not exist; evaluate every model first (--eval-only), then add repeats to it")
     saved = json.loads(path.read_text())
     have = {r["name"] for r in saved["rows"]}
-    new = [e for e in proto.get("repeats", []) if e["name"] not in have
-           and (Path(model_config(proto, e).out) / "summary.json").exists()]
+    new = [(family, e) for family, entries in (("ablation", proto.get("ablations", [])),
+                                               ("repeat", proto.get("repeats", [])))
+           for e in entries if e["name"] not in have and (Path(model_config(proto, e).out) / "summary.json").exists()]
     if not new:
-        raise HydraError(f"no repeat of protocol {proto['protocol']} has finished training that {path} lacks; "
-                         "add one to the protocol's repeats and train it with --only NAME first")
-    orphan = next((e for e in new if e["repeat_of"] not in have), None)
+        raise HydraError(f"no repeat or ablation of protocol {proto['protocol']} has finished training that {path} "
+                         "lacks; add one to the protocol's repeats or ablations and train it with --only NAME first")
+    have |= {e["name"] for _, e in new}
+    orphan = next((e for family, e in new if family == "repeat" and e["repeat_of"] not in have), None)
     if orphan:
         raise HydraError(f"repeat {orphan['name']!r} repeats {orphan['repeat_of']!r}, which {path} does not hold; "
                          "evaluate every model with --eval-only instead")
@@ -494,9 +520,9 @@ def add_repeats(proto: dict, results_dir: str | Path) -> dict:
                          f"this evaluation would be in {setup['precision']} on {len(setup['test_set'])}; set "
                          "train.precision (or the data) to match, or evaluate every model with --eval-only")
     speeds = [k for k in saved["rows"][0] if k.startswith("images_per_s_b")]
-    rows = saved["rows"] + [{**_evaluate_entry(proto, "repeat", e, setup)[0], **{k: None for k in speeds}}
-                            for e in new]
-    names = [e["name"] for e in new]
+    rows = saved["rows"] + [{**_evaluate_entry(proto, family, e, setup)[0], **{k: None for k in speeds}}
+                            for family, e in new]
+    names = [e["name"] for _, e in new]
     added = saved.get("added_untimed", []) + [{"names": names, "torch": torch.__version__,
                                                "device": str(setup["device"])}]
     return compare_rows({**saved, "rows": rows, "not_run": [n for n in saved.get("not_run", []) if n not in names],
@@ -529,8 +555,9 @@ def seed_means(rows: list[dict]) -> list[dict]:
         runs = [g["top1"] for g in group]
         mean = dict(r, top1=float(np.mean(runs)), top1_runs=runs,
                     top1_sd=float(np.std(runs, ddof=1)) if len(runs) > 1 else None)
-        for key in (k for k in r if k.startswith("images_per_s_b")):  # repeats added untimed hold None
-            mean[key] = float(np.median([g[key] for g in group if g[key] is not None]))
+        for key in (k for k in r if k.startswith("images_per_s_b")):  # runs added untimed hold None
+            timed = [g[key] for g in group if g[key] is not None]
+            mean[key] = float(np.median(timed)) if timed else None
         out.append(mean)
     return out
 
@@ -547,7 +574,8 @@ def _curves(rows: list[dict], family: str) -> dict[str, list[dict]]:
 def _compare(baseline: list[dict], hydra: list[dict]) -> dict:
     """compare_families in counted MACs and in the measured time of every batch size the rows carry."""
     out = {"macs": compare_families([(r["macs"], r["top1"]) for r in baseline], [(r["macs"], r["top1"]) for r in hydra])}
-    for key in (k for k in hydra[0] if k.startswith("images_per_s_b")):
+    timed = lambda key: all(r.get(key) for r in baseline + hydra)  # noqa: E731  (runs added untimed are not)
+    for key in (k for k in hydra[0] if k.startswith("images_per_s_b") and timed(k)):
         out[f"time_b{key[len('images_per_s_b'):]}"] = compare_families([(1.0 / r[key], r["top1"]) for r in baseline],
                                                                        [(1.0 / r[key], r["top1"]) for r in hydra])
     return out
@@ -683,10 +711,10 @@ def _level_off_line(comp: dict, bss: list[str], test_images: int) -> list[str]:
     point = level_off_savings(comp, test_images)
     if point is None or point["is_best"]:
         return []
-    times = [f"{_times(point.get(f'time_b{b}'))} in batch-{b} time" for b in bss]
+    times = [f"{_times(point[f'time_b{b}'])} in batch-{b} time" for b in bss if f"time_b{b}" in point]
     return [f"- Where the dense curve levels off (its cheapest point within one standard error, {point['tolerance']:.2f} "
             f"points, of its best top-1: {point['top1']:.2f}% at {point['cost'] / 1e6:.1f}M MACs): iso-accuracy "
-            f"saving {_times(point['macs'])} in MACs, " + ", ".join(times)]
+            f"saving " + ", ".join([f"{_times(point['macs'])} in MACs"] + times)]
 
 
 def _seed_noise_line(noise: dict, bss: list[str]) -> str:
@@ -716,7 +744,7 @@ def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "th
         lines.append("- Iso-accuracy saving in MACs along the dense curve, at each of its points' top-1: " + ", ".join(
             f"{p['top1']:.2f}% {'>=' if p['at_least'] else ''}{_times(p['saving'])}" for p in along)
             + (" (>=: the cheapest HydraNet is already more accurate)" if any(p["at_least"] for p in along) else ""))
-    for b in bss:
+    for b in (b for b in bss if f"time_b{b}" in comp):
         t = comp[f"time_b{b}"]
         lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_times(t['iso_accuracy_saving'])}, "
                      f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
