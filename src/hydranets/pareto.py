@@ -328,9 +328,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         return path
 
     hydras = proto["hydranets"] + proto.get("ablations", []) + repeats_of(proto, "hydranet")
-    sources = {split_source(e["hydra"]["init_from"])[0] for e in filter(wanted, hydras)
-               if e.get("hydra", {}).get("init_from")} | {split_source(proto["partition_from"])[0]} \
-        | {split_source(entry_partition_from(proto, e))[0] for e in filter(wanted, hydras)}
+    sources = {split_source(ref)[0] for e in filter(wanted, hydras)
+               for ref in (e.get("hydra", {}).get("init_from"), entry_partition_from(proto, e)) if ref}
     for entry in proto.get("checks", []):  # checks that HydraNets start from, or take their subtasks from, train first
         if entry["name"] in sources and wanted(entry):
             say(f"check {entry['name']}")
