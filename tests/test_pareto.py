@@ -480,16 +480,23 @@ def test_subtasks_from_a_kept_epoch(tmp_path, monkeypatch, capsys):
     assert meta["baseline"] == str(Path(proto["out"] + "-smoke") / "resnet20-60ep" / "checkpoints" / "epoch1.pt")
 
 
+TINY = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
+
+
+def tiny_protocol(tmp_path: Path, partition_from: str, **entries) -> dict:
+    """A protocol of one-epoch ResNet-8s at quarter width on synthetic data: baseline b and HydraNet h (B=2, top-1),
+    with ``entries`` (checks, ablations, repeats) beside them."""
+    return {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": partition_from,
+            "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
+                                                              "precision": "fp32", "channels_last": False}},
+            "baselines": [{"name": "b", "model": TINY}],
+            "hydranets": [{"name": "h", "model": TINY, "hydra": {"num_branches": 2, "topk": 1}}], **entries}
+
+
 def test_subtasks_from_a_check(tmp_path):
     """partition_from may name a check (tin100-cpu-fork2-e50 takes its subtasks from the 20-epoch run of another
     protocol): it trains before the HydraNets, and the subtasks come from its outputs."""
-    tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
-    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "c",
-             "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
-                                                               "precision": "fp32", "channels_last": False}},
-             "baselines": [{"name": "b", "model": tiny}],
-             "hydranets": [{"name": "h", "model": tiny, "hydra": {"num_branches": 2, "topk": 1}}],
-             "checks": [{"name": "c", "model": tiny, "train": {"seed": 5}}]}
+    proto = tiny_protocol(tmp_path, "c", checks=[{"name": "c", "model": TINY, "train": {"seed": 5}}])
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     with pytest.raises(HydraError, match=r"partition_from check .*c has not finished training; .*--only c"):
         run_protocol(load_protocol(tmp_path / "p.yaml"), only=["h"])
@@ -509,16 +516,11 @@ def test_subtasks_from_a_check(tmp_path):
 def test_subtasks_from_another_seed_for_one_entry(tmp_path):
     """An entry's own partition_from (here a baseline's repeat: another seed) gives it subtasks from that network, in
     a file of their own, while the other HydraNets keep the protocol's; a source that is no network is refused."""
-    tiny = {"name": "resnet_cifar", "kwargs": {"depth": 8, "width": 0.25}}
-    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "b",
-             "base": {"data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 32, "progress": False,
-                                                               "precision": "fp32", "channels_last": False}},
-             "baselines": [{"name": "b", "model": tiny}],
-             "hydranets": [{"name": "h", "model": tiny, "hydra": {"num_branches": 2, "topk": 1}}],
-             "ablations": [{"name": "a", "family": "other subtasks", "model": tiny, "partition_from": "b-s1",
-                            "hydra": {"num_branches": 2, "topk": 1}}],
-             "repeats": [{"name": "b-s1", "repeat_of": "b", "train": {"seed": 1}},
-                         {"name": "a-s1", "repeat_of": "a", "train": {"seed": 1}}]}
+    proto = tiny_protocol(tmp_path, "b",
+                          ablations=[{"name": "a", "family": "other subtasks", "model": TINY, "partition_from": "b-s1",
+                                      "hydra": {"num_branches": 2, "topk": 1}}],
+                          repeats=[{"name": "b-s1", "repeat_of": "b", "train": {"seed": 1}},
+                                   {"name": "a-s1", "repeat_of": "a", "train": {"seed": 1}}])
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump(proto))
     run_protocol(load_protocol(config), only=["b"])
@@ -536,7 +538,7 @@ def test_subtasks_from_another_seed_for_one_entry(tmp_path):
         config.write_text(yaml.safe_dump({**proto, "ablations": [{**proto["ablations"][0], **bad}]}))
         with pytest.raises(HydraError, match=re.escape(words)):
             load_protocol(config)
-    config.write_text(yaml.safe_dump({**proto, "baselines": [{"name": "b", "model": tiny, "partition_from": "b"}]}))
+    config.write_text(yaml.safe_dump({**proto, "baselines": [{"name": "b", "model": TINY, "partition_from": "b"}]}))
     with pytest.raises(HydraError, match="entry 'b' has a partition_from but is not a HydraNet"):
         load_protocol(config)
 
