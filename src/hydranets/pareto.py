@@ -169,6 +169,11 @@ def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512
     cfgs = [model_config(p, e) for e in entries]
     longest = max(c.optim.schedule_epochs or c.train.epochs for c in cfgs)
     at = lambda x: math.ceil(x * 2 / longest - 1e-9)  # noqa: E731
+
+    def scaled(ref: str) -> str:
+        """A ``NAME@N`` start at the scaled epoch; a plain name as it is."""
+        name, epoch = split_source(str(ref))
+        return str(ref) if epoch is None else f"{name}@{at(epoch)}"
     for entry, cfg in zip(entries, cfgs):
         o, t = cfg.optim, cfg.train
         start, end = at(o.schedule_start), at(o.schedule_start + t.epochs)
@@ -178,19 +183,13 @@ def smoke_protocol(proto: dict, train_images: int = 1024, test_images: int = 512
         entry["optim"] = {**entry.get("optim", {}), "schedule_start": start,
                           "schedule_epochs": max(end, at(o.schedule_epochs or t.epochs)),
                           "warmup_epochs": o.warmup_epochs * 2 / longest}
-        ref = entry.get("hydra", {}).get("init_from")
-        if ref and "@" in ref:
-            name, epoch = split_source(ref)
-            entry["hydra"] = {**entry["hydra"], "init_from": f"{name}@{at(epoch)}"}
+        if entry.get("hydra", {}).get("init_from"):
+            entry["hydra"] = {**entry["hydra"], "init_from": scaled(entry["hydra"]["init_from"])}
         if "hydra" in entry and cfg.hydra.oracle_epochs:
             entry["hydra"]["oracle_epochs"] = cfg.hydra.oracle_epochs * 2 / longest
-        ref = entry.get("partition_from")
-        if ref and "@" in str(ref):
-            name, epoch = split_source(str(ref))
-            entry["partition_from"] = f"{name}@{at(epoch)}"
-    name, epoch = split_source(str(p["partition_from"]))
-    if epoch is not None:
-        p["partition_from"] = f"{name}@{at(epoch)}"
+        if "partition_from" in entry:
+            entry["partition_from"] = scaled(entry["partition_from"])
+    p["partition_from"] = scaled(p["partition_from"])
     p["base"] = _merge(p["base"], {"data": {"train_subset": train_images, "test_subset": test_images}})
     p["protocol"], p["out"] = f"{p['protocol']}-smoke", f"{protocol_dir(p)}-smoke"
     p["speed_repeats"] = 1
@@ -573,8 +572,8 @@ def _curves(rows: list[dict], family: str) -> dict[str, list[dict]]:
 def _compare(baseline: list[dict], hydra: list[dict]) -> dict:
     """compare_families in counted MACs and in the measured time of every batch size the rows carry."""
     out = {"macs": compare_families([(r["macs"], r["top1"]) for r in baseline], [(r["macs"], r["top1"]) for r in hydra])}
-    timed = lambda key: all(r.get(key) for r in baseline + hydra)  # noqa: E731  (runs added untimed are not)
-    for key in (k for k in hydra[0] if k.startswith("images_per_s_b") and timed(k)):
+    for key in (k for k in hydra[0] if k.startswith("images_per_s_b")
+                and all(r.get(k) is not None for r in baseline + hydra)):  # runs added untimed hold None
         out[f"time_b{key[len('images_per_s_b'):]}"] = compare_families([(1.0 / r[key], r["top1"]) for r in baseline],
                                                                        [(1.0 / r[key], r["top1"]) for r in hydra])
     return out
