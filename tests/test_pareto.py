@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from hydranets import HydraError
+from hydranets.machine import describe, machine_info
 from hydranets.pareto import (_compare, all_entries, compare_families, compare_rows, evaluate_protocol, frontier,
                               level_off_point, level_off_savings, load_protocol, markdown_table, model_config,
                               pooled_seed_sd, run_protocol, seed_noise, stops_early, top1_standard_error, write_results)
@@ -406,6 +407,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
     assert result["fold_batchnorms"] is True and "threads, timed with batch norms folded" in md.read_text()
+    assert result["machine"] == machine_info("cpu") and f"cpu ({describe(result['machine'])})," in md.read_text()
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
     assert "The ablation family alt (a1, a3) instead of the HydraNets, against the baselines:" in md.read_text()
     assert "  - The HydraNet family against the alt family as the reference curve:\n    - Iso-accuracy saving in MACs " \
@@ -429,8 +431,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "warning: the models were trained in different precisions (fp32: b1, b2," in capsys.readouterr().err
     assert "- **Trained in different precisions** (fp32: b1, b2, " in markdown_table(mixed)
     assert "; bf16: c3):" in markdown_table(mixed)
-    assert "synthetic (10 classes), cpu, evaluated in fp32 (trained in fp32, bf16), torch" in markdown_table(mixed)
-    assert "synthetic (10 classes), cpu, fp32, torch" in md.read_text()
+    here = describe(machine_info("cpu"))
+    assert f"synthetic (10 classes), cpu ({here}), evaluated in fp32 (trained in fp32, bf16), torch" in markdown_table(mixed)
+    assert f"synthetic (10 classes), cpu ({here}), fp32, torch" in md.read_text()
     proto["checks"].pop()
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     mtime = (tmp_path / "runs" / "b1" / "summary.json").stat().st_mtime
@@ -625,6 +628,7 @@ def test_repeats_added_to_saved_results_without_the_other_runs(tmp_path, capsys)
         {1 / r["images_per_s_b32"] for r in saved["rows"]}
     md = (results / "x.md").read_text()
     assert "- Added later without timing (--add-repeats; torch" in md and "): b1-s1, b1-s2: their top-1 counts" in md
+    assert f"{describe(machine_info('cpu'))}): b1-s1" in md
     assert re.search(r"\| b1-s2 \| repeat of b1 \|.*\| - \|$", md, re.M)
     code, _, err = run_cli(capsys, *argv, "--add-repeats")  # nothing new since
     assert code == 2 and "no repeat or ablation of protocol x has finished training that" in one_error_line(err)

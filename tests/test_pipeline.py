@@ -92,6 +92,7 @@ def test_pipeline_writes_every_file(finished):
     assert json.loads((out / "baseline" / "summary.json").read_text())["hydra"] is False
     hyd = json.loads((out / "hydranet" / "summary.json").read_text())
     assert hyd["hydra"] is True and hyd["epochs"] == 2
+    assert hyd["machine"]["torch"] == torch.__version__ and hyd["machine"]["threads"] == torch.get_num_threads()
     assert [r["epoch"] for r in read_metrics(out / "hydranet")] == [1, 2]
     assert [r["epoch"] for r in read_metrics(out / "baseline")] == [1, 2, 3]
     assert {p.name for p in (out / "plots").glob("*.png")} == PLOTS

@@ -22,6 +22,7 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, _merge, config_from_dict
 from .cost import compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
+from .machine import describe, machine_info
 from .evaluate import evaluate, resolve_precision, subtask_recall
 from .partition import Partition
 from .pipeline import _device, compute_partition
@@ -456,6 +457,7 @@ def evaluate_protocol(proto: dict) -> dict:
     return compare_rows({"protocol": proto["protocol"], "dataset": setup["cfg"].data.name,
                          "classes": len(test_set.classes), "device": str(setup["device"]), "precision": precision,
                          "torch": torch.__version__, "threads": torch.get_num_threads(), "fold_batchnorms": fold,
+                         "machine": machine_info(setup["device"]),
                          "test_images": len(test_set), "rows": rows, "not_run": not_run,
                          "trained_precisions": mixed, "missing_members": missing})
 
@@ -522,7 +524,7 @@ def add_repeats(proto: dict, results_dir: str | Path) -> dict:
                             for family, e in new]
     names = [e["name"] for _, e in new]
     added = saved.get("added_untimed", []) + [{"names": names, "torch": torch.__version__,
-                                               "device": str(setup["device"])}]
+                                               "device": str(setup["device"]), "machine": machine_info(setup["device"])}]
     return compare_rows({**saved, "rows": rows, "not_run": [n for n in saved.get("not_run", []) if n not in names],
                          "trained_precisions": trained_precisions(rows), "added_untimed": added})
 
@@ -841,7 +843,8 @@ def markdown_table(result: dict) -> str:
     if result.get("seed_means"):
         lines += _seed_lines(result["seed_means"], bss, n)
     for added in result.get("added_untimed", []):
-        lines.append(f"- Added later without timing (--add-repeats; torch {added['torch']}, {added['device']}): "
+        on = f", {describe(added['machine'])}" if "machine" in added else ""
+        lines.append(f"- Added later without timing (--add-repeats; torch {added['torch']}, {added['device']}{on}): "
                      f"{', '.join(added['names'])}: their top-1 counts in the means over repeats, whose speeds are "
                      "those of the timed runs")
     if result.get("not_run"):
@@ -856,6 +859,7 @@ def markdown_table(result: dict) -> str:
     trained = list(result.get("trained_precisions", {}))
     precision = result["precision"] if trained in ([], [result["precision"]]) else \
         f"evaluated in {result['precision']} (trained in {', '.join(trained)})"
-    lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}, {precision}, "
+    on = f" ({describe(result['machine'])})" if "machine" in result else ""
+    lines.append(f"- {result['dataset']} ({result['classes']} classes), {result['device']}{on}, {precision}, "
                  f"torch {result['torch']}, {result['threads']} threads{timed.get(result.get('fold_batchnorms'), '')}")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from .data.inputs import InputSpec
 from .errors import HydraError
 from .evaluate import autocast_for, evaluate, resolve_precision
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
+from .machine import machine_info
 from .partition import Partition
 from .registry import create_model, is_model
 from .routing import balance_loss, topk_route
@@ -591,7 +592,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         last = read_metrics(out)[-1] if t.epochs else {}
         summary = {"finished": True, "epochs": t.epochs, "model": cfg.model.name, "hydra": cfg.hydra.enabled,
                    "num_classes": num_classes, "world_size": rt.world_size, **{k: v for k, v in last.items()
-                                                                               if not isinstance(v, list)}}
+                                                                               if not isinstance(v, list)},
+                   "machine": machine_info(rt.device)}
         atomic_write_text(json.dumps(summary, indent=1), out / "summary.json")
     if writer is not None:
         writer.close()
