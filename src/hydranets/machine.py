@@ -17,8 +17,7 @@ def _cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, list[str]]:
         info = cpuinfo.read_text()
     except OSError:
         return platform.processor() or platform.machine(), []
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
     flags = set(fields.get("flags", "").split())
     return fields.get("model name", platform.processor() or platform.machine()), [f for f in CPU_FEATURES if f in flags]
 
@@ -29,8 +28,7 @@ def machine_info(device: torch.device | str | None = None) -> dict:
     cpu, features = _cpu()
     info = {"cpu": cpu, "cpu_features": features, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
+    if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 

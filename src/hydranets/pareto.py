@@ -22,8 +22,8 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, _merge, config_from_dict
 from .cost import compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
-from .machine import describe, machine_info
 from .evaluate import evaluate, resolve_precision, subtask_recall
+from .machine import describe, machine_info
 from .partition import Partition
 from .pipeline import _device, compute_partition
 from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
