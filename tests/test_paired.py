@@ -1,0 +1,40 @@
+"""benchmarks/paired.py: pair-by-pair top-1 differences of a saved pareto result, and its errors."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "benchmarks" / "paired.py")
+paired = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paired)
+
+
+@pytest.fixture
+def results(tmp_path):
+    rows = [{"name": n, "top1": t} for n, t in
+            [("h", 30.0), ("c", 31.0), ("h-s1", 32.5), ("c-s1", 32.0), ("h-s2", 29.0), ("c-s2", 30.5)]]
+    path = tmp_path / "proto.json"
+    path.write_text(json.dumps({"protocol": "proto", "rows": rows}))
+    return path
+
+
+def test_paired_prints_each_difference_and_their_mean_sd_and_standard_error(results, capsys):
+    paired.main([str(results), "h:c", "h-s1:c-s1", "h-s2:c-s2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("= ")[1] for line in lines[:3]] == ["-1.00", "+0.50", "-1.50"]
+    # diffs -1, 0.5, -1.5: mean -2/3; sample sd sqrt(((1/3)^2 + (7/6)^2 + (5/6)^2) / 2) = 1.0408; se 1.0408 / sqrt(3)
+    assert lines[3] == "mean -0.67 points over 3 pairs (sd 1.04, standard error 0.60); A above B in 1 of 3"
+    paired.main([str(results), "h-s1:c-s1"])
+    assert capsys.readouterr().out.splitlines()[1] == "mean +0.50 points over 1 pairs; A above B in 1 of 1"
+
+
+def test_paired_refuses_unknown_runs_and_malformed_pairs(results, capsys):
+    with pytest.raises(SystemExit, match="not in the results: nope"):
+        paired.main([str(results), "h:c", "nope:c"])
+    with pytest.raises(SystemExit) as exit_info:
+        paired.main([str(results), "h-c"])
+    assert exit_info.value.code == 2
+    assert "'h-c' is not a pair: write RUN_A:RUN_B" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="No such file"):
+        paired.main([str(results.with_name("missing.json")), "h:c"])
