@@ -1,0 +1,139 @@
+"""Where a HydraNet's top-1 goes: the test images its gate routes to their true subtask against the rest,
+with a control network's top-1 on the same images.
+
+    python benchmarks/routing_split.py HYDRA[:CONTROL] [HYDRA[:CONTROL] ...]
+
+Why: on tin100-cpu-f2u, fewer branches end further below the one-branch control (B=2 -1.67 points in pairs, B=8
+-0.82) although the gate routes more images right (73% at B=2, 36% at B=8). Splitting the test images by whether
+the gate sent them to (one of) the branches of their true subtask shows which images the deficit comes from: if
+the branches specialise, a misrouted image meets a branch trained on other classes, and the fewer and larger the
+subtasks, the further that branch is from the image's own. For each pair it prints the share routed right, the
+HydraNet's top-1 on each group, its top-1 on the misrouted images when sent to their true subtask instead (a
+perfect gate for them), and the control's top-1 on the same two groups. Both runs are evaluated in eval mode at
+the HydraNet's own k, in the precision they were trained with, on the HydraNet's test set. Last, for the pairs
+with a control, one line per B: the mean share routed right and the mean difference from the control on each group.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from hydranets.config import config_from_dict
+from hydranets.data import BatchLoader
+from hydranets.distributed import pick_device
+from hydranets.errors import HydraError
+from hydranets.evaluate import autocast_for, resolve_precision
+from hydranets.hydranet import HydraNet
+from hydranets.train import load_data, load_trained
+
+
+@torch.no_grad()
+def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32",
+                  control: nn.Module | None = None) -> dict[str, dict[str, float]]:
+    """Per group, ``right`` (the true subtask among the routed branches) and ``wrong``: its image count and
+    top-1 (%) as routed (``top1``), with each image sent to its true subtask (``true_route_top1``) and, with
+    ``control``, the control's top-1 on the same images (``control_top1``)."""
+    if hydra.membership.numel() == 0:
+        raise HydraError("this HydraNet has no partition, so no image has a true subtask to route to")
+    hydra.eval()
+    if control is not None:
+        control.eval()
+    device = next(hydra.parameters()).device
+    keys = ["top1", "true_route_top1"] + (["control_top1"] if control is not None else [])
+    hits = {g: dict.fromkeys(["count"] + keys, 0) for g in ("right", "wrong")}
+    for x, y in batches:
+        member = hydra.membership[y]
+        with autocast_for(device, precision):
+            out = hydra(x, routing="topk", return_gate=True)
+            forced = hydra(x, routing="topk", force=member)
+            other = control(x) if control is not None else None
+        right = member.gather(1, out.route).amax(1).bool()
+        correct = {"top1": out.logits.float().argmax(1) == y, "true_route_top1": forced.float().argmax(1) == y}
+        if other is not None:
+            correct["control_top1"] = other.float().argmax(1) == y
+        for group, mask in (("right", right), ("wrong", ~right)):
+            hits[group]["count"] += int(mask.sum())
+            for key in keys:
+                hits[group][key] += int((correct[key] & mask).sum())
+    return {g: {"count": h["count"], **{k: 100.0 * h[k] / max(h["count"], 1) for k in keys}} for g, h in hits.items()}
+
+
+def summarise(rows: list[tuple[int, dict[str, dict[str, float]]]]) -> list[str]:
+    """One line per number of branches B over the (B, ``routing_split`` result) rows that have a control: the mean
+    share routed right and the mean HydraNet-minus-control top-1 difference on each group, in points; with two or
+    more such rows, a last line over all of them: those differences' means, sample sds and signs, and how much a
+    perfect gate lifts the misrouted images on average."""
+    pairs = [(b, s) for b, s in rows if "control_top1" in s["right"]]
+    by_b: dict[int, list[dict[str, dict[str, float]]]] = {}
+    for b, split in pairs:
+        by_b.setdefault(b, []).append(split)
+    lines = []
+    for b, splits in sorted(by_b.items()):
+        share = sum(100.0 * s["right"]["count"] / (s["right"]["count"] + s["wrong"]["count"]) for s in splits)
+        diff = {g: sum(s[g]["top1"] - s[g]["control_top1"] for s in splits) / len(splits) for g in ("right", "wrong")}
+        lines.append(f"B={b}: {len(splits)} pairs, routed right {share / len(splits):.1f}%; against the control "
+                     f"{diff['right']:+.2f} points on the images routed right, {diff['wrong']:+.2f} on the rest")
+    if len(pairs) > 1:
+        right = [s["right"]["top1"] - s["right"]["control_top1"] for _, s in pairs]
+        wrong = [s["wrong"]["top1"] - s["wrong"]["control_top1"] for _, s in pairs]
+        lift = sum(s["wrong"]["true_route_top1"] - s["wrong"]["top1"] for _, s in pairs) / len(pairs)
+        lines.append(f"all {len(pairs)} pairs: against the control {statistics.mean(right):+.2f} points on the images "
+                     f"routed right (sd {statistics.stdev(right):.2f}, above it in {sum(d > 0 for d in right)}), "
+                     f"{statistics.mean(wrong):+.2f} on the rest (sd {statistics.stdev(wrong):.2f}, below it in "
+                     f"{sum(d < 0 for d in wrong)}); the true subtask's branch lifts the rest by {lift:+.2f}")
+    return lines
+
+
+def _load_pair(spec: str, device: torch.device) -> tuple[HydraNet, nn.Module | None, dict]:
+    hydra_path, _, control_path = spec.partition(":")
+    hydra, ckpt = load_trained(hydra_path, device)
+    if not isinstance(hydra, HydraNet):
+        raise HydraError(f"{hydra_path} is not a HydraNet run; the first of a pair must be one")
+    control = None
+    if control_path:
+        control, other = load_trained(control_path, device)
+        if other["config"]["data"] != ckpt["config"]["data"]:
+            raise HydraError(f"{control_path} was trained on other data than {hydra_path}; pair runs of one data set")
+    return hydra, control, ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pairs", nargs="+", help="HYDRA_RUN or HYDRA_RUN:CONTROL_RUN (finished run folders)")
+    ap.add_argument("--batch-size", type=int, default=500)
+    args = ap.parse_args(argv)
+    device = pick_device("auto")
+    header = (f"{'HydraNet':>24}{'B':>4}{'routed right':>14}{'top-1 right':>13}{'top-1 wrong':>13}"
+              f"{'wrong, true route':>19}{'control':>22}{'control right':>15}{'control wrong':>15}")
+    rows = []
+    for i, spec in enumerate(args.pairs):
+        try:
+            hydra, control, ckpt = _load_pair(spec, device)
+        except (HydraError, OSError) as e:
+            raise SystemExit(f"routing_split: {e}") from None
+        if i == 0:
+            print(header)
+        cfg = config_from_dict(ckpt["config"])
+        _, test_set = load_data(cfg)
+        batches = BatchLoader(test_set, args.batch_size, train=False, device=device, prefetch=False)
+        split = routing_split(hydra, batches, resolve_precision(cfg.train.precision, device), control)
+        rows.append((hydra.num_branches, split))
+        right, wrong = split["right"], split["wrong"]
+        share = 100.0 * right["count"] / (right["count"] + wrong["count"])
+        name = spec.partition(":")[0].rstrip("/").split("/")[-1]
+        line = (f"{name:>24}{hydra.num_branches:>4}{share:>13.1f}%{right['top1']:>13.2f}{wrong['top1']:>13.2f}"
+                f"{wrong['true_route_top1']:>19.2f}")
+        if control is not None:
+            line += (f"{spec.partition(':')[2].rstrip('/').split('/')[-1]:>22}{right['control_top1']:>15.2f}"
+                     f"{wrong['control_top1']:>15.2f}")
+        print(line, flush=True)
+    for line in summarise(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""benchmarks/routing_split.py: a HydraNet's top-1 on the images its gate routes right and wrong."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydranets import build_hydranet, create_model
+from hydranets.evaluate import evaluate
+
+_spec = importlib.util.spec_from_file_location("routing_split", Path(__file__).parents[1] / "benchmarks" / "routing_split.py")
+routing_split = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(routing_split)
+
+SUBSETS = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def _models():
+    torch.manual_seed(0)
+    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=SUBSETS).eval()
+    control = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5).eval()
+    x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 10
+    return hydra, control, [(x[:32], y[:32]), (x[32:], y[32:])], x, y
+
+
+def test_split_groups_images_by_their_route_and_recombines_into_the_overall_figures():
+    hydra, control, batches, x, y = _models()
+    split = routing_split.routing_split(hydra, batches, control=control)
+    with torch.no_grad():
+        route = hydra(x, return_gate=True).route[:, 0]
+    subtask = torch.tensor([next(b for b, s in enumerate(SUBSETS) if c in s) for c in y.tolist()])
+    right = int((route == subtask).sum())
+    assert 0 < right < 60   # both groups hold images
+    assert (split["right"]["count"], split["wrong"]["count"]) == (right, 60 - right)
+
+    def overall(key):
+        return (split["right"]["count"] * split["right"][key] + split["wrong"]["count"] * split["wrong"][key]) / 60
+
+    ev = evaluate(hydra, batches, true_route=True)
+    assert overall("top1") == pytest.approx(ev["top1"])
+    assert overall("true_route_top1") == pytest.approx(ev["true_route_top1"])
+    assert split["right"]["true_route_top1"] == pytest.approx(split["right"]["top1"])   # routed right: the same run
+    assert overall("control_top1") == pytest.approx(evaluate(control, batches)["top1"])
+    with torch.no_grad():
+        wrong_hits = (control(x).argmax(1) == y)[route != subtask].float().mean().item()
+    assert split["wrong"]["control_top1"] == pytest.approx(100.0 * wrong_hits)
+    assert "control_top1" not in routing_split.routing_split(hydra, batches)["right"]
+
+
+def test_split_needs_a_partition_and_main_refuses_what_it_cannot_load(tmp_path):
+    torch.manual_seed(0)
+    bare = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5)
+    with pytest.raises(ValueError, match="no partition"):
+        routing_split.routing_split(bare, [])
+    with pytest.raises(SystemExit, match="^routing_split: .*nowhere"):
+        routing_split.main([str(tmp_path / "nowhere")])
+
+
+def test_summarise_averages_the_differences_from_the_control_per_number_of_branches():
+    def split(right, wrong, hydra_right, control_right, hydra_wrong, control_wrong, wrong_true_route=0.0):
+        return {"right": {"count": right, "top1": hydra_right, "control_top1": control_right},
+                "wrong": {"count": wrong, "top1": hydra_wrong, "control_top1": control_wrong,
+                          "true_route_top1": hydra_wrong + wrong_true_route}}
+
+    no_control = {"right": {"count": 5, "top1": 1.0}, "wrong": {"count": 5, "top1": 1.0}}
+    rows = [(8, split(30, 70, 40.0, 41.0, 20.0, 23.0, 1.0)), (2, split(75, 25, 30.0, 30.5, 20.0, 21.0, 2.0)),
+            (8, split(40, 60, 44.0, 42.0, 25.0, 26.0)), (8, no_control)]
+    # right: -1, -0.5, +2 (mean 1/6, sd sqrt(((7/6)^2 + (2/3)^2 + (11/6)^2) / 2) = 1.61); rest: -3, -1, -1 (mean -5/3,
+    # sd 1.15); the true route lifts the rest by 1, 2, 0
+    assert routing_split.summarise(rows) == [
+        "B=2: 1 pairs, routed right 75.0%; against the control -0.50 points on the images routed right, -1.00 on the rest",
+        "B=8: 2 pairs, routed right 35.0%; against the control +0.50 points on the images routed right, -2.00 on the rest",
+        "all 3 pairs: against the control +0.17 points on the images routed right (sd 1.61, above it in 1), -1.67 on "
+        "the rest (sd 1.15, below it in 3); the true subtask's branch lifts the rest by +1.00"]
+    assert routing_split.summarise(rows[:1]) == routing_split.summarise(rows[:1] + rows[3:])[:1]
+    assert len(routing_split.summarise(rows[:1])) == 1
