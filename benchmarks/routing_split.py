@@ -16,7 +16,9 @@ with a control, one line per B: the mean share routed right and the mean differe
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -62,6 +64,10 @@ def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.T
     return {g: {"count": h["count"], **{k: 100.0 * h[k] / max(h["count"], 1) for k in keys}} for g, h in hits.items()}
 
 
+def _share_right(split: dict[str, dict[str, float]]) -> float:
+    return 100.0 * split["right"]["count"] / (split["right"]["count"] + split["wrong"]["count"])
+
+
 def summarise(rows: list[tuple[int, dict[str, dict[str, float]]]]) -> list[str]:
     """One line per number of branches B over the (B, ``routing_split`` result) rows that have a control: the mean
     share routed right and the mean HydraNet-minus-control top-1 difference on each group, in points; with two or
@@ -73,7 +79,7 @@ def summarise(rows: list[tuple[int, dict[str, dict[str, float]]]]) -> list[str]:
         by_b.setdefault(b, []).append(split)
     lines = []
     for b, splits in sorted(by_b.items()):
-        share = sum(100.0 * s["right"]["count"] / (s["right"]["count"] + s["wrong"]["count"]) for s in splits)
+        share = sum(_share_right(s) for s in splits)
         diff = {g: sum(s[g]["top1"] - s[g]["control_top1"] for s in splits) / len(splits) for g in ("right", "wrong")}
         lines.append(f"B={b}: {len(splits)} pairs, routed right {share / len(splits):.1f}%; against the control "
                      f"{diff['right']:+.2f} points on the images routed right, {diff['wrong']:+.2f} on the rest")
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device("auto")
     header = (f"{'HydraNet':>24}{'B':>4}{'routed right':>14}{'top-1 right':>13}{'top-1 wrong':>13}"
               f"{'wrong, true route':>19}{'control':>22}{'control right':>15}{'control wrong':>15}")
-    rows = []
+    rows, test_sets = [], {}
     for i, spec in enumerate(args.pairs):
         try:
             hydra, control, ckpt = _load_pair(spec, device)
@@ -118,18 +124,18 @@ def main(argv: list[str] | None = None) -> None:
         if i == 0:
             print(header)
         cfg = config_from_dict(ckpt["config"])
-        _, test_set = load_data(cfg)
-        batches = BatchLoader(test_set, args.batch_size, train=False, device=device, prefetch=False)
+        data_key = json.dumps(ckpt["config"]["data"], sort_keys=True)
+        if data_key not in test_sets:   # pairs of one data set decode it once
+            test_sets[data_key] = load_data(cfg)[1]
+        batches = BatchLoader(test_sets[data_key], args.batch_size, train=False, device=device, prefetch=False)
         split = routing_split(hydra, batches, resolve_precision(cfg.train.precision, device), control)
         rows.append((hydra.num_branches, split))
         right, wrong = split["right"], split["wrong"]
-        share = 100.0 * right["count"] / (right["count"] + wrong["count"])
-        name = spec.partition(":")[0].rstrip("/").split("/")[-1]
-        line = (f"{name:>24}{hydra.num_branches:>4}{share:>13.1f}%{right['top1']:>13.2f}{wrong['top1']:>13.2f}"
-                f"{wrong['true_route_top1']:>19.2f}")
+        hydra_path, _, control_path = spec.partition(":")
+        line = (f"{Path(hydra_path).name:>24}{hydra.num_branches:>4}{_share_right(split):>13.1f}%{right['top1']:>13.2f}"
+                f"{wrong['top1']:>13.2f}{wrong['true_route_top1']:>19.2f}")
         if control is not None:
-            line += (f"{spec.partition(':')[2].rstrip('/').split('/')[-1]:>22}{right['control_top1']:>15.2f}"
-                     f"{wrong['control_top1']:>15.2f}")
+            line += f"{Path(control_path).name:>22}{right['control_top1']:>15.2f}{wrong['control_top1']:>15.2f}"
         print(line, flush=True)
     for line in summarise(rows):
         print(line)
