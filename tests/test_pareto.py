@@ -8,6 +8,7 @@ import yaml
 
 from hydranets import HydraError
 from hydranets.machine import describe, machine_info
+from hydranets.partition import Partition
 from hydranets.pareto import (_compare, all_entries, compare_families, compare_rows, evaluate_protocol, frontier,
                               level_off_point, level_off_savings, load_protocol, markdown_table, model_config,
                               pooled_seed_sd, run_protocol, seed_noise, stops_early, top1_standard_error, write_results)
@@ -544,6 +545,28 @@ def test_subtasks_from_another_seed_for_one_entry(tmp_path):
     config.write_text(yaml.safe_dump({**proto, "baselines": [{"name": "b", "model": TINY, "partition_from": "b"}]}))
     with pytest.raises(HydraError, match="entry 'b' has a partition_from but is not a HydraNet"):
         load_protocol(config)
+
+
+def test_overlapping_subtasks_for_one_entry(tmp_path):
+    """An entry with ``partition: {overlap: true}`` gets overlapping subtasks (each class in two) in a file of their
+    own, the same k-means clusters widened, while the other HydraNets keep the disjoint ones."""
+    proto = tiny_protocol(tmp_path, "b",
+                          ablations=[{"name": "o", "family": "overlap", "model": TINY, "partition": {"overlap": True},
+                                      "hydra": {"num_branches": 3, "topk": 1}},
+                                     {"name": "d", "family": "disjoint", "model": TINY,
+                                      "hydra": {"num_branches": 3, "topk": 1}}])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b", "o", "d"])
+    runs = tmp_path / "runs"
+    disjoint, overlap = runs / "partition_kmeans_b3.json", runs / "partition_kmeans_overlap_b3.json"
+    used = {n: yaml.safe_load((runs / n / "config.yaml").read_text())["hydra"]["partition"] for n in ("o", "d")}
+    assert used == {"o": str(overlap), "d": str(disjoint)}
+    wide, narrow = (Partition.load(f) for f in (overlap, disjoint))
+    assert wide.overlap and not narrow.overlap
+    assert sorted(len([s for s in wide.subsets if c in s]) for c in range(wide.num_classes)) == [2] * wide.num_classes
+    assert all(any(set(n) <= set(w) for w in wide.subsets) for n in narrow.subsets)
+    assert torch.equal(torch.load(runs / "o" / "checkpoints" / "last.pt", weights_only=True)["model"]["membership"],
+                       wide.membership())
 
 
 def test_eval_only_keeps_results_of_models_whose_runs_are_absent(tmp_path, capsys):

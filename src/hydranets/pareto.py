@@ -203,10 +203,12 @@ def protocol_dir(proto: dict) -> Path:
     return Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
 
 
-def partition_path(proto: dict, method: str, num_subsets: int, source: str | None = None) -> Path:
-    """The subtasks file of the protocol's ``partition_from``, or of another ``source`` (named in the file)."""
+def partition_path(proto: dict, method: str, num_subsets: int, source: str | None = None,
+                   overlap: bool = False) -> Path:
+    """The subtasks file of the protocol's ``partition_from``, or of another ``source`` (named in the file);
+    overlapping subtasks (each class in two) have their own file."""
     tail = "" if source in (None, str(proto["partition_from"])) else "_from-" + str(source).replace("@", "-epoch")
-    return protocol_dir(proto) / f"partition_{method}_b{num_subsets}{tail}.json"
+    return protocol_dir(proto) / f"partition_{method}{'_overlap' if overlap else ''}_b{num_subsets}{tail}.json"
 
 
 def model_config(proto: dict, entry: dict) -> Config:
@@ -313,17 +315,17 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         say(f"baseline {entry['name']}")
         train(with_teacher(model_config(proto, entry)), resume=True)
 
-    def partition_file(method: str, b: int, ref: str) -> Path:
-        path = partition_path(proto, method, b, ref)
+    def partition_file(method: str, b: int, ref: str, overlap: bool) -> Path:
+        path = partition_path(proto, method, b, ref, overlap)
         if not path.exists():
             src_name, src_epoch = split_source(ref)
             src = partition_source(proto, ref)
             src_cfg = model_config(proto, src)
             src_role = "partition_from " + ("check" if src in proto.get("checks", []) else "baseline")
             source = _finished(src_cfg, src_role) if src_epoch is None else _kept(src_cfg, src_name, src_epoch, src_role)
-            say(f"subtasks {method}_b{b} from {ref}")
+            say(f"subtasks {method}{'_overlap' if overlap else ''}_b{b} from {ref}")
             cfg = copy.deepcopy(src_cfg)
-            cfg.partition.method = method
+            cfg.partition.method, cfg.partition.overlap = method, overlap
             compute_partition(cfg, source, path, b)
         return path
 
@@ -338,7 +340,7 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         cfg = model_config(proto, entry)
         cfg.hydra.enabled = True
         cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches,
-                                                 entry_partition_from(proto, entry)))
+                                                 entry_partition_from(proto, entry), cfg.partition.overlap))
         if cfg.hydra.init_from == "baseline":  # the trained baseline of the same backbone, if the protocol has one
             same = [model_config(proto, e) for e in proto["baselines"]]
             same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
@@ -376,7 +378,7 @@ def _main_partition(proto: dict) -> Path | None:
     if not proto["hydranets"]:
         return None
     cfg = model_config(proto, proto["hydranets"][0])
-    path = partition_path(proto, cfg.partition.method, cfg.hydra.num_branches)
+    path = partition_path(proto, cfg.partition.method, cfg.hydra.num_branches, overlap=cfg.partition.overlap)
     return path if path.exists() else None
 
 
