@@ -154,7 +154,20 @@ def test_partition_random_to_out(runs, capsys, tmp_path):
     assert f"saved {dst}" in out
 
 
+@pytest.mark.slow
+def test_partition_overlap_default_place(runs, capsys):
+    code, out, err = run(capsys, "partition", str(runs["baseline"]), "-B", "3", "--overlap", "--overlap-balanced")
+    assert code == 0, err
+    path = runs["baseline"] / "partition_kmeans_overlap-balanced_b3.json"
+    part = Partition.load(path)
+    assert part.overlap and part.meta["overlap_balanced"] and f"saved {path}" in out
+    assert part.membership().sum(1).tolist() == [2.0] * 10
+    assert "3 subtasks over 10 classes (kmeans, overlapping evenly)" in out
+
+
 def test_partition_bad_input(runs, capsys, tmp_path):
+    code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--overlap-balanced")
+    assert code == 2 and "pass --overlap too" in one_error_line(err)
     code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "11", "--out", str(tmp_path / "p.json"))
     assert code == 2 and "11" in one_error_line(err) and "10 classes" in one_error_line(err)
     assert not (tmp_path / "p.json").exists()

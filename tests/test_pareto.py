@@ -8,7 +8,7 @@ import yaml
 
 from hydranets import HydraError
 from hydranets.machine import describe, machine_info
-from hydranets.partition import Partition
+from hydranets.partition import Partition, partition_random
 from hydranets.pareto import (_compare, all_entries, compare_families, compare_rows, evaluate_protocol, frontier,
                               level_off_point, level_off_savings, load_protocol, markdown_table, model_config,
                               pooled_seed_sd, run_protocol, seed_noise, stops_early, top1_standard_error, write_results)
@@ -549,22 +549,28 @@ def test_subtasks_from_another_seed_for_one_entry(tmp_path):
 
 def test_overlapping_subtasks_for_one_entry(tmp_path):
     """An entry with ``partition: {overlap: true}`` gets overlapping subtasks (each class in two) in a file of their
-    own, the same k-means clusters widened, while the other HydraNets keep the disjoint ones."""
+    own, the same k-means clusters widened, as does one that spreads them evenly (``overlap_balanced``) and one
+    with another partition seed, while the other HydraNets keep the disjoint ones."""
+    tiny = {"model": TINY, "hydra": {"num_branches": 3, "topk": 1}}
     proto = tiny_protocol(tmp_path, "b",
-                          ablations=[{"name": "o", "family": "overlap", "model": TINY, "partition": {"overlap": True},
-                                      "hydra": {"num_branches": 3, "topk": 1}},
-                                     {"name": "d", "family": "disjoint", "model": TINY,
-                                      "hydra": {"num_branches": 3, "topk": 1}}])
+                          ablations=[{"name": "o", "partition": {"overlap": True}, **tiny},
+                                     {"name": "e", "partition": {"overlap": True, "overlap_balanced": True}, **tiny},
+                                     {"name": "r", "partition": {"method": "random", "seed": 4}, **tiny},
+                                     {"name": "d", **tiny}])
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
-    run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b", "o", "d"])
+    run_protocol(load_protocol(tmp_path / "p.yaml"), only=["b", "o", "e", "r", "d"])
     runs = tmp_path / "runs"
-    disjoint, overlap = runs / "partition_kmeans_b3.json", runs / "partition_kmeans_overlap_b3.json"
-    used = {n: yaml.safe_load((runs / n / "config.yaml").read_text())["hydra"]["partition"] for n in ("o", "d")}
-    assert used == {"o": str(overlap), "d": str(disjoint)}
-    wide, narrow = (Partition.load(f) for f in (overlap, disjoint))
-    assert wide.overlap and not narrow.overlap
-    assert sorted(len([s for s in wide.subsets if c in s]) for c in range(wide.num_classes)) == [2] * wide.num_classes
-    assert all(any(set(n) <= set(w) for w in wide.subsets) for n in narrow.subsets)
+    files = {"o": "partition_kmeans_overlap_b3.json", "e": "partition_kmeans_overlap-balanced_b3.json",
+             "r": "partition_random_b3_seed4.json", "d": "partition_kmeans_b3.json"}
+    used = {n: yaml.safe_load((runs / n / "config.yaml").read_text())["hydra"]["partition"] for n in files}
+    assert used == {n: str(runs / f) for n, f in files.items()}
+    wide, even, narrow = (Partition.load(runs / files[n]) for n in "oed")
+    assert wide.overlap and even.overlap and not narrow.overlap
+    for p in (wide, even):
+        assert p.membership().sum(1).tolist() == [2.0] * p.num_classes
+        assert all(any(set(n) <= set(w) for w in p.subsets) for n in narrow.subsets)
+    assert sorted(map(len, even.subsets)) == [6, 7, 7]  # 10 classes: 4/3/3 first members, 4/3/3 second ones
+    assert Partition.load(runs / files["r"]).subsets == partition_random(10, 3, seed=4).subsets
     assert torch.equal(torch.load(runs / "o" / "checkpoints" / "last.pt", weights_only=True)["model"]["membership"],
                        wide.membership())
 

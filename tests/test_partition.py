@@ -64,6 +64,43 @@ def test_kmeans_overlap_every_class_twice():
         assert any(g <= set(s) for g in groups)
 
 
+def hub_descriptors() -> tuple[np.ndarray, list[set[int]]]:
+    """Five groups of three classes: one at the centre, the others around it, so that the centre is every outer
+    class's second-nearest group."""
+    centres = np.array([[0, 0], [10, 0], [0, 10], [-10, 0], [0, -10]], dtype=float)
+    rng = np.random.default_rng(0)
+    x = np.repeat(centres, 3, axis=0) + rng.normal(0, 0.1, (15, 2))
+    return x, [set(range(3 * g, 3 * g + 3)) for g in range(5)]
+
+
+def test_kmeans_overlap_balanced_spreads_the_second_subtasks():
+    x, groups = hub_descriptors()
+    nearest = partition_kmeans(x, 5, overlap=True)
+    assert max(map(len, nearest.subsets)) == 15  # the centre's subset takes every outer class
+    even = partition_kmeans(x, 5, overlap=True, overlap_balanced=True)
+    assert [len(s) for s in even.subsets] == [6] * 5 and even.meta["overlap_balanced"]
+    assert even.membership().sum(1).tolist() == [2.0] * 15
+    assert all(any(g <= set(s) for s in even.subsets) for g in groups)  # the k-means subtasks, each widened
+    assert "(kmeans, overlapping evenly)" in format_partition(even)
+    with pytest.raises(HydraError, match="set overlap too"):
+        partition_kmeans(x, 5, overlap_balanced=True)
+    with pytest.raises(HydraError, match="only made by method 'kmeans'"):
+        make_partition("random", num_subsets=5, num_classes=15, overlap_balanced=True)
+
+
+def test_fill_evenly_swaps_a_class_left_with_room_only_in_its_own_subset():
+    """Greedy filling gives classes 0 and 1 their nearest; class 2's only room is then its own subset, and one swap
+    makes the cheapest valid assignment (checked against every valid one)."""
+    from itertools import permutations
+
+    from hydranets.partition import _fill_evenly
+    d = np.array([[np.inf, 1, 9], [1, np.inf, 9], [3, 4, np.inf]])
+    second = _fill_evenly(d.copy(), np.array([0, 1, 2]))
+    valid = [p for p in permutations(range(3)) if all(p[c] != c for c in range(3))]
+    best = min(valid, key=lambda p: sum(d[c, p[c]] for c in range(3)))
+    assert second.tolist() == list(best) == [1, 2, 0]
+
+
 def test_random_partition_deterministic_and_balanced():
     a, b, c = partition_random(10, 3, seed=5), partition_random(10, 3, seed=5), partition_random(10, 3, seed=6)
     assert a.subsets == b.subsets and a.subsets != c.subsets

@@ -105,14 +105,17 @@ def cmd_predict(args) -> None:
 
 def cmd_partition(args) -> None:
     from .config import config_from_dict
-    from .partition import format_partition
+    from .partition import format_partition, partition_filename
     from .pipeline import compute_partition
     from .train import load_trained
+    if args.overlap_balanced and not args.overlap:
+        raise HydraError("--overlap-balanced spreads the second subtasks of --overlap; pass --overlap too")
     _, ckpt = load_trained(args.run)
     cfg = config_from_dict(ckpt["config"])
-    cfg.partition.method, cfg.partition.overlap, cfg.partition.seed = args.method, args.overlap, args.seed
+    pc = cfg.partition
+    pc.method, pc.overlap, pc.overlap_balanced, pc.seed = args.method, args.overlap, args.overlap_balanced, args.seed
     out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else Path(args.run).parent.parent) \
-        / f"partition_{args.method}_b{args.branches}.json"
+        / partition_filename(pc.method, args.branches, pc.overlap, pc.overlap_balanced, pc.seed)
     if out.exists() and not args.overwrite:
         raise HydraError(f"{out} exists; pass --overwrite to replace it or --out elsewhere")
     p = compute_partition(cfg, args.run, out, args.branches)
@@ -202,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branches", "-B", type=int, required=True, help="number of subtasks")
     p.add_argument("--method", default="kmeans", choices=["kmeans", "spectral", "random"])
     p.add_argument("--overlap", action="store_true", help="each class also joins its second-nearest subtask")
+    p.add_argument("--overlap-balanced", action="store_true",
+                   help="with --overlap: the nearest other subtask with room, so every subtask gets about 2C/B classes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file (default: beside the run)")
     p.add_argument("--overwrite", action="store_true")

@@ -108,6 +108,7 @@ class PartitionConfig:
     method: str = "kmeans"               # kmeans (the paper's) | spectral | random
     seeds: int = 10                      # k-means restarts
     overlap: bool = False                # each class also joins its second-nearest subtask
+    overlap_balanced: bool = False       # with overlap: the nearest other one with room (every subtask ~2C/B classes)
     seed: int = 0
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_text, load_checkpoint
-from .config import Config, _merge, config_from_dict
+from .config import Config, PartitionConfig, _merge, config_from_dict
 from .cost import compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
 from .evaluate import evaluate, resolve_precision, subtask_recall
 from .machine import describe, machine_info
-from .partition import Partition
+from .partition import Partition, partition_filename
 from .pipeline import _device, compute_partition
 from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
 
@@ -203,12 +203,12 @@ def protocol_dir(proto: dict) -> Path:
     return Path(proto.get("out", f"runs/bench/{proto['protocol']}"))
 
 
-def partition_path(proto: dict, method: str, num_subsets: int, source: str | None = None,
-                   overlap: bool = False) -> Path:
+def partition_path(proto: dict, pcfg: PartitionConfig, num_subsets: int, source: str | None = None) -> Path:
     """The subtasks file of the protocol's ``partition_from``, or of another ``source`` (named in the file);
     overlapping subtasks (each class in two) have their own file."""
     tail = "" if source in (None, str(proto["partition_from"])) else "_from-" + str(source).replace("@", "-epoch")
-    return protocol_dir(proto) / f"partition_{method}{'_overlap' if overlap else ''}_b{num_subsets}{tail}.json"
+    name = partition_filename(pcfg.method, num_subsets, pcfg.overlap, pcfg.overlap_balanced, pcfg.seed)
+    return protocol_dir(proto) / name.replace(".json", f"{tail}.json")
 
 
 def model_config(proto: dict, entry: dict) -> Config:
@@ -315,17 +315,17 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
         say(f"baseline {entry['name']}")
         train(with_teacher(model_config(proto, entry)), resume=True)
 
-    def partition_file(method: str, b: int, ref: str, overlap: bool) -> Path:
-        path = partition_path(proto, method, b, ref, overlap)
+    def partition_file(pcfg: PartitionConfig, b: int, ref: str) -> Path:
+        path = partition_path(proto, pcfg, b, ref)
         if not path.exists():
             src_name, src_epoch = split_source(ref)
             src = partition_source(proto, ref)
             src_cfg = model_config(proto, src)
             src_role = "partition_from " + ("check" if src in proto.get("checks", []) else "baseline")
             source = _finished(src_cfg, src_role) if src_epoch is None else _kept(src_cfg, src_name, src_epoch, src_role)
-            say(f"subtasks {method}{'_overlap' if overlap else ''}_b{b} from {ref}")
+            say(f"subtasks {path.stem.removeprefix('partition_')} from {ref}")
             cfg = copy.deepcopy(src_cfg)
-            cfg.partition.method, cfg.partition.overlap = method, overlap
+            cfg.partition = copy.deepcopy(pcfg)
             compute_partition(cfg, source, path, b)
         return path
 
@@ -339,8 +339,8 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     for entry in filter(wanted, hydras):
         cfg = model_config(proto, entry)
         cfg.hydra.enabled = True
-        cfg.hydra.partition = str(partition_file(cfg.partition.method, cfg.hydra.num_branches,
-                                                 entry_partition_from(proto, entry), cfg.partition.overlap))
+        cfg.hydra.partition = str(partition_file(cfg.partition, cfg.hydra.num_branches,
+                                                 entry_partition_from(proto, entry)))
         if cfg.hydra.init_from == "baseline":  # the trained baseline of the same backbone, if the protocol has one
             same = [model_config(proto, e) for e in proto["baselines"]]
             same = [c for c in same if c.model.name == cfg.model.name and c.model.kwargs == cfg.model.kwargs]
@@ -378,7 +378,7 @@ def _main_partition(proto: dict) -> Path | None:
     if not proto["hydranets"]:
         return None
     cfg = model_config(proto, proto["hydranets"][0])
-    path = partition_path(proto, cfg.partition.method, cfg.hydra.num_branches, overlap=cfg.partition.overlap)
+    path = partition_path(proto, cfg.partition, cfg.hydra.num_branches)
     return path if path.exists() else None
 
 

@@ -36,6 +36,12 @@ class Partition:
     def num_subsets(self) -> int:
         return len(self.subsets)
 
+    @property
+    def kind(self) -> str:
+        """How the subsets were made, in words (method, and how they overlap)."""
+        return self.method + (", overlapping" if self.overlap else "") + (
+            " evenly" if self.meta.get("overlap_balanced") else "")
+
     def membership(self) -> torch.Tensor:
         """(num_classes, B) 0/1 matrix: row c marks the subtasks that hold class c."""
         m = torch.zeros(self.num_classes, self.num_subsets)
@@ -264,15 +270,40 @@ def balanced_kmeans(x: np.ndarray, k: int, seeds: int = 10, seed: int = 0, iters
     return best
 
 
-def _add_second_nearest(x: np.ndarray, centroids: np.ndarray, subsets: list[list[int]]) -> list[list[int]]:
+def _add_second_nearest(x: np.ndarray, centroids: np.ndarray, subsets: list[list[int]],
+                        balanced: bool = False) -> list[list[int]]:
     d = _sq_dists(x, centroids)
-    out = [list(s) for s in subsets]
+    first = np.empty(len(x), dtype=int)
     for b, s in enumerate(subsets):
-        for c in s:
-            others = d[c].copy()
-            others[b] = np.inf
-            out[int(others.argmin())].append(c)
+        first[s] = b
+    d[np.arange(len(x)), first] = np.inf
+    second = _fill_evenly(d, first) if balanced else d.argmin(1)
+    out = [list(s) for s in subsets]
+    for c, b in enumerate(second):
+        out[int(b)].append(c)
     return out
+
+
+def _fill_evenly(d: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Each class's second subset: the nearest (by ``d``, inf at its own) with room, every subset taking
+    C//B (C%B of them one more) second members; a class left with room only in its own subset swaps with
+    the cheapest class that can take that room."""
+    n, k = d.shape
+    room = np.array(_balanced_sizes(n, k))
+    second = np.full(n, -1)
+    for flat in np.argsort(d, axis=None, kind="stable"):
+        c, b = divmod(int(flat), k)
+        if second[c] < 0 and room[b] > 0 and np.isfinite(d[c, b]):
+            second[c], room[b] = b, room[b] - 1
+    for c in np.flatnonzero(second < 0):
+        free = int(np.flatnonzero(room)[0])
+        movable = np.flatnonzero((second >= 0) & (first != free))
+        cost = d[movable, free] + d[c, second[movable]] - d[movable, second[movable]]
+        if not np.isfinite(cost).any():
+            raise HydraError("cannot give every class a second subtask evenly; use fewer subtasks")
+        other = int(movable[np.argmin(cost)])
+        second[c], second[other], room[free] = second[other], free, room[free] - 1
+    return second
 
 
 def _check_names(class_names: Sequence[str] | None, num_classes: int) -> list[str] | None:
@@ -285,10 +316,13 @@ def _check_names(class_names: Sequence[str] | None, num_classes: int) -> list[st
 
 
 def partition_kmeans(descriptors: "np.ndarray | torch.Tensor", num_subsets: int, seeds: int = 10, seed: int = 0,
-                     overlap: bool = False, class_names: Sequence[str] | None = None) -> Partition:
+                     overlap: bool = False, class_names: Sequence[str] | None = None,
+                     overlap_balanced: bool = False) -> Partition:
     """The paper's subtasks: k-means the class descriptors into B centroids, then fill equal-size subsets.
 
-    With ``overlap`` each class also joins the subset of its nearest other centroid, so it lies in exactly two.
+    With ``overlap`` each class also joins the subset of its nearest other centroid, so it lies in exactly two;
+    with ``overlap_balanced`` too, the nearest other one with room, so that every subset gets about 2C/B classes
+    (the nearest alone can pile many classes onto one central subset).
     """
     x = _as_numpy(descriptors, "descriptors").astype(np.float64)
     if x.ndim != 2:
@@ -299,11 +333,14 @@ def partition_kmeans(descriptors: "np.ndarray | torch.Tensor", num_subsets: int,
         raise HydraError("overlap=True needs at least 2 subsets")
     names = _check_names(class_names, num_classes)
     centroids, subsets, inertia = balanced_kmeans(x, int(num_subsets), seeds=seeds, seed=seed)
+    if overlap_balanced and not overlap:
+        raise HydraError("overlap_balanced spreads the second subtasks of overlap=True; set overlap too")
     if overlap:
-        subsets = _add_second_nearest(x, centroids, subsets)
+        subsets = _add_second_nearest(x, centroids, subsets, overlap_balanced)
     subsets.sort(key=min)
+    meta = {"method": "kmeans", "seeds": int(seeds), "seed": int(seed), "inertia": inertia}
     return Partition(subsets, num_classes, names, "kmeans", overlap,
-                     {"method": "kmeans", "seeds": int(seeds), "seed": int(seed), "inertia": inertia})
+                     {**meta, "overlap_balanced": True} if overlap_balanced else meta)
 
 
 def spectral_embedding(confusion: "np.ndarray | torch.Tensor", dim: int) -> np.ndarray:
@@ -359,19 +396,19 @@ def partition_random(num_classes: int, num_subsets: int, seed: int = 0,
 
 def make_partition(method: str, *, num_subsets: int, descriptors: "np.ndarray | torch.Tensor | None" = None,
                    confusion: "np.ndarray | torch.Tensor | None" = None, num_classes: int | None = None,
-                   seed: int = 0, overlap: bool = False,
+                   seed: int = 0, overlap: bool = False, overlap_balanced: bool = False,
                    class_names: Sequence[str] | None = None, seeds: int = 10) -> Partition:
     """Build subtasks by ``method`` ("kmeans" needs descriptors, "spectral" a confusion matrix, "random" neither)."""
     if method not in METHODS:
         raise HydraError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
-    if overlap and method != "kmeans":
+    if (overlap or overlap_balanced) and method != "kmeans":
         raise HydraError(f"overlapping subsets are only made by method 'kmeans', not {method!r}")
     given = {"descriptors": descriptors, "confusion": confusion}
     if method == "kmeans":
         if descriptors is None:
             raise HydraError("partition method 'kmeans' needs descriptors (class_mean_outputs of a trained baseline)")
         part = partition_kmeans(descriptors, num_subsets, seeds=seeds, seed=seed, overlap=overlap,
-                                class_names=class_names)
+                                class_names=class_names, overlap_balanced=overlap_balanced)
     elif method == "spectral":
         if confusion is None:
             raise HydraError("partition method 'spectral' needs a confusion matrix")
@@ -391,11 +428,17 @@ def make_partition(method: str, *, num_subsets: int, descriptors: "np.ndarray | 
     return part
 
 
+def partition_filename(method: str, num_subsets: int, overlap: bool = False, overlap_balanced: bool = False,
+                       seed: int = 0) -> str:
+    """Where subtasks are saved by default: ``partition_<method>[_overlap[-balanced]]_b<B>[_seed<S>].json``."""
+    kind = "_overlap-balanced" if overlap and overlap_balanced else "_overlap" if overlap else ""
+    return f"partition_{method}{kind}_b{num_subsets}{f'_seed{seed}' if seed else ''}.json"
+
+
 def format_partition(p: Partition) -> str:
     """A printable table of the subtasks: index, size and the classes of each."""
     names = p.class_names or [str(c) for c in range(p.num_classes)]
-    kind = f"{p.method}, overlapping" if p.overlap else p.method
-    lines = [f"{p.num_subsets} subtasks over {p.num_classes} classes ({kind})",
+    lines = [f"{p.num_subsets} subtasks over {p.num_classes} classes ({p.kind})",
              f"{'subtask':>7}  {'size':>4}  classes"]
     for b, s in enumerate(p.subsets):
         lines.append(f"{b:>7}  {len(s):>4}  {', '.join(names[c] for c in s)}")

@@ -100,6 +100,7 @@ def compute_partition(cfg: Config, baseline_run: str | Path, out_file: str | Pat
     confusion = descriptors if cfg.partition.method == "spectral" else None
     p = make_partition(cfg.partition.method, num_subsets=num_subsets, descriptors=descriptors, confusion=confusion,
                        num_classes=len(train_set.classes), seed=cfg.partition.seed, overlap=cfg.partition.overlap,
+                       overlap_balanced=cfg.partition.overlap_balanced,
                        class_names=train_set.classes, seeds=cfg.partition.seeds)
     p.meta.update({"baseline": str(baseline_run), "dataset": run_cfg.data.name, "baseline_train_top1": ev["top1"]})
     p.save(out_file)

@@ -306,7 +306,7 @@ def _subtasks_section(part: Partition, names: list[str], images: np.ndarray | No
     table = ("<table><thead><tr><th>branch</th><th>size</th><th>classes</th></tr></thead>"
              f"<tbody>{rows}</tbody></table>\n")
     heading = "Subtasks"
-    kind = f"method {part.method}" + (", overlapping" if part.overlap else "")
+    kind = f"method {part.kind}"
     if images is None:
         return (f"<section><h2>{heading}</h2>\n<p class=\"cap\">The classes each branch specialises in "
                 f"({kind}).</p>\n<p class=\"missing\">Sample images omitted: samples.npz not found.</p>\n"
