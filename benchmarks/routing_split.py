@@ -11,7 +11,8 @@ subtasks, the further that branch is from the image's own. For each pair it prin
 HydraNet's top-1 on each group, its top-1 on the misrouted images when sent to their true subtask instead (a
 perfect gate for them), and the control's top-1 on the same two groups. Both runs are evaluated in eval mode at
 the HydraNet's own k, in the precision they were trained with, on the HydraNet's test set. Last, for the pairs
-with a control, one line per B: the mean share routed right and the mean difference from the control on each group.
+with a control, one line per B (and per kind of subtasks: disjoint or overlapping): the mean share routed right
+and the mean difference from the control on each group.
 """
 from __future__ import annotations
 
@@ -64,24 +65,30 @@ def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.T
     return {g: {"count": h["count"], **{k: 100.0 * h[k] / max(h["count"], 1) for k in keys}} for g, h in hits.items()}
 
 
+def design(hydra: HydraNet) -> tuple[int, bool]:
+    """What ``summarise`` groups pairs by: the number of branches, and whether any class lies in two subtasks."""
+    return hydra.num_branches, bool(hydra.membership.numel() and hydra.membership.sum(1).max() > 1)
+
+
 def _share_right(split: dict[str, dict[str, float]]) -> float:
     return 100.0 * split["right"]["count"] / (split["right"]["count"] + split["wrong"]["count"])
 
 
-def summarise(rows: list[tuple[int, dict[str, dict[str, float]]]]) -> list[str]:
-    """One line per number of branches B over the (B, ``routing_split`` result) rows that have a control: the mean
-    share routed right and the mean HydraNet-minus-control top-1 difference on each group, in points; with two or
-    more such rows, a last line over all of them: those differences' means, sample sds and signs, and how much a
-    perfect gate lifts the misrouted images on average."""
-    pairs = [(b, s) for b, s in rows if "control_top1" in s["right"]]
-    by_b: dict[int, list[dict[str, dict[str, float]]]] = {}
-    for b, split in pairs:
-        by_b.setdefault(b, []).append(split)
+def summarise(rows: list[tuple[tuple[int, bool], dict[str, dict[str, float]]]]) -> list[str]:
+    """One line per design, (B, whether the subtasks overlap), over the (design, ``routing_split`` result) rows that
+    have a control: the mean share routed right and the mean HydraNet-minus-control top-1 difference on each group,
+    in points; with two or more such rows, a last line over all of them: those differences' means, sample sds and
+    signs, and how much a perfect gate lifts the misrouted images on average."""
+    pairs = [(d, s) for d, s in rows if "control_top1" in s["right"]]
+    by_design: dict[tuple[int, bool], list[dict[str, dict[str, float]]]] = {}
+    for design, split in pairs:
+        by_design.setdefault(design, []).append(split)
     lines = []
-    for b, splits in sorted(by_b.items()):
+    for (b, overlap), splits in sorted(by_design.items()):
         share = sum(_share_right(s) for s in splits)
         diff = {g: sum(s[g]["top1"] - s[g]["control_top1"] for s in splits) / len(splits) for g in ("right", "wrong")}
-        lines.append(f"B={b}: {len(splits)} pairs, routed right {share / len(splits):.1f}%; against the control "
+        kind = ", overlapping subtasks" if overlap else ""
+        lines.append(f"B={b}{kind}: {len(splits)} pairs, routed right {share / len(splits):.1f}%; against the control "
                      f"{diff['right']:+.2f} points on the images routed right, {diff['wrong']:+.2f} on the rest")
     if len(pairs) > 1:
         right = [s["right"]["top1"] - s["right"]["control_top1"] for _, s in pairs]
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             test_sets[data_key] = load_data(cfg)[1]
         batches = BatchLoader(test_sets[data_key], args.batch_size, train=False, device=device, prefetch=False)
         split = routing_split(hydra, batches, resolve_precision(cfg.train.precision, device), control)
-        rows.append((hydra.num_branches, split))
+        rows.append((design(hydra), split))
         right, wrong = split["right"], split["wrong"]
         hydra_path, _, control_path = spec.partition(":")
         line = (f"{Path(hydra_path).name:>24}{hydra.num_branches:>4}{_share_right(split):>13.1f}%{right['top1']:>13.2f}"

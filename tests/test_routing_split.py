@@ -47,6 +47,14 @@ def test_split_groups_images_by_their_route_and_recombines_into_the_overall_figu
     assert "control_top1" not in routing_split.routing_split(hydra, batches)["right"]
 
 
+def test_design_tells_overlapping_subtasks_apart():
+    from hydranets.partition import Partition
+    hydra, *_ = _models()
+    wide = Partition([[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9, 0]], 10, overlap=True)
+    overlapping = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=wide)
+    assert routing_split.design(hydra) == (3, False) and routing_split.design(overlapping) == (3, True)
+
+
 def test_split_needs_a_partition_and_main_refuses_what_it_cannot_load(tmp_path):
     torch.manual_seed(0)
     bare = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5)
@@ -56,21 +64,24 @@ def test_split_needs_a_partition_and_main_refuses_what_it_cannot_load(tmp_path):
         routing_split.main([str(tmp_path / "nowhere")])
 
 
-def test_summarise_averages_the_differences_from_the_control_per_number_of_branches():
+def test_summarise_averages_the_differences_from_the_control_per_design():
     def split(right, wrong, hydra_right, control_right, hydra_wrong, control_wrong, wrong_true_route=0.0):
         return {"right": {"count": right, "top1": hydra_right, "control_top1": control_right},
                 "wrong": {"count": wrong, "top1": hydra_wrong, "control_top1": control_wrong,
                           "true_route_top1": hydra_wrong + wrong_true_route}}
 
     no_control = {"right": {"count": 5, "top1": 1.0}, "wrong": {"count": 5, "top1": 1.0}}
-    rows = [(8, split(30, 70, 40.0, 41.0, 20.0, 23.0, 1.0)), (2, split(75, 25, 30.0, 30.5, 20.0, 21.0, 2.0)),
-            (8, split(40, 60, 44.0, 42.0, 25.0, 26.0)), (8, no_control)]
-    # right: -1, -0.5, +2 (mean 1/6, sd sqrt(((7/6)^2 + (2/3)^2 + (11/6)^2) / 2) = 1.61); rest: -3, -1, -1 (mean -5/3,
-    # sd 1.15); the true route lifts the rest by 1, 2, 0
+    rows = [((8, False), split(30, 70, 40.0, 41.0, 20.0, 23.0, 1.0)), ((2, False), split(75, 25, 30.0, 30.5, 20.0, 21.0, 2.0)),
+            ((8, False), split(40, 60, 44.0, 42.0, 25.0, 26.0)), ((8, False), no_control),
+            ((8, True), split(60, 40, 38.0, 39.0, 20.0, 22.0, 1.0))]
+    # right: -1, -0.5, +2, -1 (mean -1/8, sd 1.44); rest: -3, -1, -1, -2 (mean -7/4, sd 0.96); the true route lifts
+    # the rest by 1, 2, 0, 1
     assert routing_split.summarise(rows) == [
         "B=2: 1 pairs, routed right 75.0%; against the control -0.50 points on the images routed right, -1.00 on the rest",
         "B=8: 2 pairs, routed right 35.0%; against the control +0.50 points on the images routed right, -2.00 on the rest",
-        "all 3 pairs: against the control +0.17 points on the images routed right (sd 1.61, above it in 1), -1.67 on "
-        "the rest (sd 1.15, below it in 3); the true subtask's branch lifts the rest by +1.00"]
+        "B=8, overlapping subtasks: 1 pairs, routed right 60.0%; against the control -1.00 points on the images routed "
+        "right, -2.00 on the rest",
+        "all 4 pairs: against the control -0.12 points on the images routed right (sd 1.44, above it in 1), -1.75 on "
+        "the rest (sd 0.96, below it in 4); the true subtask's branch lifts the rest by +1.00"]
     assert routing_split.summarise(rows[:1]) == routing_split.summarise(rows[:1] + rows[3:])[:1]
     assert len(routing_split.summarise(rows[:1])) == 1
