@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=500)
     args = ap.parse_args(argv)
     device = pick_device("auto")
-    header = (f"{'HydraNet':>24}{'B':>4}{'routed right':>14}{'top-1 right':>13}{'top-1 wrong':>13}"
-              f"{'wrong, true route':>19}{'control':>22}{'control right':>15}{'control wrong':>15}")
+    names = [[Path(p).name for p in spec.split(":")] for spec in args.pairs]
+    w1 = max([24] + [len(n[0]) + 2 for n in names])
+    w2 = max([22] + [len(n[-1]) + 2 for n in names if len(n) > 1])
+    header = (f"{'HydraNet':>{w1}}{'B':>4}{'routed right':>14}{'top-1 right':>13}{'top-1 wrong':>13}"
+              f"{'wrong, true route':>19}{'control':>{w2}}{'control right':>15}{'control wrong':>15}")
     rows, test_sets = [], {}
     for i, spec in enumerate(args.pairs):
         try:
@@ -138,11 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         split = routing_split(hydra, batches, resolve_precision(cfg.train.precision, device), control)
         rows.append((design(hydra), split))
         right, wrong = split["right"], split["wrong"]
-        hydra_path, _, control_path = spec.partition(":")
-        line = (f"{Path(hydra_path).name:>24}{hydra.num_branches:>4}{_share_right(split):>13.1f}%{right['top1']:>13.2f}"
+        line = (f"{names[i][0]:>{w1}}{hydra.num_branches:>4}{_share_right(split):>13.1f}%{right['top1']:>13.2f}"
                 f"{wrong['top1']:>13.2f}{wrong['true_route_top1']:>19.2f}")
         if control is not None:
-            line += f"{Path(control_path).name:>22}{right['control_top1']:>15.2f}{wrong['control_top1']:>15.2f}"
+            line += f"{names[i][-1]:>{w2}}{right['control_top1']:>15.2f}{wrong['control_top1']:>15.2f}"
         print(line, flush=True)
     for line in summarise(rows):
         print(line)

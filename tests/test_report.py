@@ -134,6 +134,9 @@ def test_plot_pareto_with_paper_panel(tmp_path):
     wide = check_png(plot_pareto(families, tmp_path / "a.png", paper=True, title="t").read_bytes())
     narrow = check_png(plot_pareto(families, tmp_path / "b.png").read_bytes())
     assert wide.width > narrow.width
+    many = {f"curve {i}": [(30e6 + i * 1e6, 70.0 + i)] for i in range(12)}  # the legend moves below the panels
+    crowded = check_png(plot_pareto(many, tmp_path / "e.png", paper=True).read_bytes())
+    assert crowded.width == wide.width and crowded.height > wide.height
     with pytest.raises(HydraError, match="macs > 0"):
         plot_pareto({"x": [(0.0, 50.0)]}, tmp_path / "c.png")
     with pytest.raises(HydraError, match="nothing to plot"):

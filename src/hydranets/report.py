@@ -96,6 +96,9 @@ def _style_macs_axis(ax: Any, xs: Sequence[float]) -> None:
     ax.grid(True, alpha=0.3, which="both")
 
 
+_LEGEND_INSIDE = 8  # curves that one panel's legend holds without hiding them
+
+
 def plot_pareto(families: Mapping[str, Sequence[Point]], path: str | Path, paper: bool = False, title: str = "",
                 *, overlay_paper: bool = False) -> Path:
     """Plot top-1 against multiply-adds per image for named curves and save a PNG; returns its path.
@@ -110,9 +113,14 @@ def plot_pareto(families: Mapping[str, Sequence[Point]], path: str | Path, paper
     curves = {n: pts for n, pts in curves.items() if pts}
     if not curves and not (paper or overlay_paper):
         raise HydraError("nothing to plot: every curve given to plot_pareto is empty")
-    fig = _new_figure(13.0 if paper else 8.0, 5.5)
+    crowded = len(curves) > _LEGEND_INSIDE  # the legend goes below the panels, and twenty colours instead of ten
+    rows = -(-len(curves) // 3) if crowded else 0
+    fig = _new_figure(13.0 if paper else 8.0, 5.5 + 0.2 * rows)
     axes = fig.subplots(1, 2) if paper else [fig.subplots(1, 1)]
     ax = axes[0]
+    if crowded:
+        from matplotlib import colormaps
+        ax.set_prop_cycle(color=colormaps["tab20"].colors)
     xs: list[float] = []
     for name, pts in curves.items():
         x = [p[0] / 1e6 for p in pts]
@@ -128,7 +136,9 @@ def plot_pareto(families: Mapping[str, Sequence[Point]], path: str | Path, paper
         xs += _draw_paper(ax, "paper, CIFAR-100: ")
     _style_macs_axis(ax, xs)
     ax.set_title(title or "accuracy vs. cost")
-    if curves or overlay_paper:
+    if crowded:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    elif curves or overlay_paper:
         ax.legend(fontsize=8, loc="best")
     if paper:
         pax = axes[1]
