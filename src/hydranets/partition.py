@@ -331,10 +331,10 @@ def partition_kmeans(descriptors: "np.ndarray | torch.Tensor", num_subsets: int,
     _check_counts(num_classes, num_subsets)
     if overlap and num_subsets < 2:
         raise HydraError("overlap=True needs at least 2 subsets")
-    names = _check_names(class_names, num_classes)
-    centroids, subsets, inertia = balanced_kmeans(x, int(num_subsets), seeds=seeds, seed=seed)
     if overlap_balanced and not overlap:
         raise HydraError("overlap_balanced spreads the second subtasks of overlap=True; set overlap too")
+    names = _check_names(class_names, num_classes)
+    centroids, subsets, inertia = balanced_kmeans(x, int(num_subsets), seeds=seeds, seed=seed)
     if overlap:
         subsets = _add_second_nearest(x, centroids, subsets, overlap_balanced)
     subsets.sort(key=min)
