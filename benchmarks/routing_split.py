@@ -67,7 +67,7 @@ def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.T
 
 def design(hydra: HydraNet) -> tuple[int, bool]:
     """What ``summarise`` groups pairs by: the number of branches, and whether any class lies in two subtasks."""
-    return hydra.num_branches, bool(hydra.membership.numel() and hydra.membership.sum(1).max() > 1)
+    return hydra.num_branches, hydra.partition is not None and hydra.partition.overlap
 
 
 def _share_right(split: dict[str, dict[str, float]]) -> float:
