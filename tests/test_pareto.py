@@ -11,7 +11,7 @@ from hydranets.machine import describe, machine_info
 from hydranets.partition import Partition, partition_random
 from hydranets.pareto import (_compare, all_entries, compare_families, compare_rows, evaluate_protocol, frontier,
                               level_off_point, level_off_savings, load_protocol, markdown_table, model_config,
-                              pooled_seed_sd, run_protocol, seed_noise, stops_early, top1_standard_error, write_results)
+                              mean_curves, means_table, pooled_seed_sd, run_protocol, seed_noise, stops_early, top1_standard_error, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,34 @@ def test_seed_noise_spreads_the_saving_and_is_reproducible():
     assert noise["share_at_target"]["macs"] == 1.0  # the HydraNets reach the dense top-1 by 20M: >= 4x everywhere
     assert noise == seed_noise(means, 5000, draws=400, seed=3)
     assert noise != seed_noise(means, 5000, draws=400, seed=4)
+
+
+def test_means_table_rows():
+    members = [dict(_mean_row("b1", "baseline", 40e6, [31.0, 33.0, 32.0]), curve=None, top1_sd=1.0),
+               dict(_mean_row("a1", "ablation", 35.06e6, [32.5]), curve="one-branch", top1_sd=None,
+                    images_per_s_b256=None)]
+    table = means_table(members, ["256"]).splitlines()
+    assert table[0] == "| member | family | runs | top-1 mean | sd | MMACs/img | img/s @256 |"
+    assert table[2] == "| b1 | baseline | 3 | 32.00 | 1.00 | 40.0 | 50 |"
+    assert table[3] == "| a1 | ablation (one-branch) | 1 | 32.50 | - | 35.1 | - |"  # untimed, one run
+
+
+def test_mean_curves_by_hand():
+    members = [_mean_row("b2", "baseline", 2e6, [33.0, 34.0, 35.0]), _mean_row("b1", "baseline", 1e6, [30.0, 32.0]),
+               _mean_row("b3", "baseline", 3e6, [40.0]), _mean_row("h1", "hydranet", 1.5e6, [36.0]),
+               _mean_row("c1", "ablation", 1.5e6, [37.0, 38.0]), _mean_row("c2", "ablation", 2.5e6, [39.0]),
+               _mean_row("r1", "ablation", 1.5e6, [35.0, 36.0])]
+    for m in members:
+        m["curve"] = {"c": "control", "r": "random"}.get(m["name"][0]) if m["family"] == "ablation" else None
+    members[-1]["curve"] = None  # an ablation outside any family
+    sd = (4 / 3) ** 0.5  # variances 2 (1 dof) and 1 (2 dof), as pooled_seed_sd by hand
+    curves = mean_curves(members)
+    assert set(curves) == {"baseline", "hydranet"}  # the two-member control is below min_members
+    assert curves["baseline"] == [(1e6, 31.0, pytest.approx(sd / 2 ** 0.5), 2), (2e6, 34.0, pytest.approx(sd / 3 ** 0.5), 3),
+                                  (3e6, 40.0, pytest.approx(sd), 1)]  # in MACs order; one run: the family's sd
+    assert curves["hydranet"] == [(1.5e6, 36.0, None, 1)]  # no repeats, no error
+    assert mean_curves(members, min_members=2)["control"] == [(1.5e6, 37.5, pytest.approx(0.5 ** 0.5 / 2 ** 0.5), 2),
+                                                               (2.5e6, 39.0, pytest.approx(0.5 ** 0.5), 1)]
 
 
 def test_top1_standard_error_is_binomial():
@@ -407,6 +435,7 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
     js, png, md = write_results(result, tmp_path / "results")
     assert png.stat().st_size > 10_000 and "Iso-accuracy saving" in md.read_text()
+    assert (png.parent / f"{result['protocol']}-means.png").stat().st_size > 10_000  # with repeats: the means plot
     assert result["fold_batchnorms"] is True and "threads, timed with batch norms folded" in md.read_text()
     assert result["machine"] == machine_info("cpu") and f"cpu ({describe(result['machine'])})," in md.read_text()
     assert "Against the check family long (c1, c2) instead of the baselines:" in md.read_text()
@@ -417,6 +446,9 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert "| h1-s1 | repeat of h1 |" in md.read_text()
     assert f"Repeats: top-1 of each run, first the member's own: b1 {top1['b1']:.2f} / {top1['b1-s1']:.2f}" in md.read_text()
     assert "- On the means over repeats (a member without repeats counts with its one run):" in md.read_text()
+    b1_speeds = [r["images_per_s_b32"] for r in result["rows"] if r["name"] in ("b1", "b1-s1")]
+    assert f"| b1 | baseline | 2 | {means['b1']['top1']:.2f} | {means['b1']['top1_sd']:.2f} | {b1['macs'] / 1e6:.1f} | " \
+           f"{sum(b1_speeds) / 2:.0f} |" in md.read_text()  # the means table: speed the median of the two runs
     assert "  - Seed noise (2000 draws, each member's mean moved by a normal error of its family's pooled seed sd" \
         in md.read_text()
     assert "  - The ablation family alt instead of the HydraNets, against the baselines:\n    - Iso-accuracy saving " \

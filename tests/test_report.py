@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 
 from hydranets.errors import HydraError  # noqa: E402
 from hydranets.partition import partition_random  # noqa: E402
-from hydranets.report import PLOT_FILES, plot_pareto, write_report  # noqa: E402
+from hydranets.report import PLOT_FILES, plot_means, plot_pareto, write_report  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -141,6 +141,19 @@ def test_plot_pareto_with_paper_panel(tmp_path):
         plot_pareto({"x": [(0.0, 50.0)]}, tmp_path / "c.png")
     with pytest.raises(HydraError, match="nothing to plot"):
         plot_pareto({}, tmp_path / "d.png")
+
+
+def test_plot_means_draws_error_bars(tmp_path):
+    def curves(se):
+        return {"baseline": [(40e6, 32.0, se, 5), (70e6, 33.0, se, 9)], "hydranet": [(35e6, 32.5, None, 1)]}
+    bare = plot_means(curves(None), tmp_path / "a.png").read_bytes()
+    barred = plot_means(curves(1.5), tmp_path / "b.png").read_bytes()
+    assert check_png(bare).width == check_png(barred).width and bare != barred
+    assert plot_means(curves(None), tmp_path / "c.png").read_bytes() == bare  # deterministic: the bars made the change
+    with pytest.raises(HydraError, match="macs > 0"):
+        plot_means({"x": [(0.0, 50.0, None, 1)]}, tmp_path / "d.png")
+    with pytest.raises(HydraError, match="nothing to plot"):
+        plot_means({"x": []}, tmp_path / "e.png")
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -482,7 +482,8 @@ def compare_rows(result: dict) -> dict:
         mean_base = [m for m in means if m["family"] == "baseline"]
         mean_hydra = [m for m in means if m["family"] == "hydranet"]
         mean_ablations = _curves(means, "ablation")
-        result["seed_means"] = {"members": [{k: m[k] for k in keep} for m in means],
+        result["seed_means"] = {"members": [{k: m[k] for k in m if k in keep or k.startswith("images_per_s_b")}
+                                            for m in means],
                                 **_compare(mean_base, mean_hydra),
                                 "ablation_families": {n: _compare(mean_base, g) for n, g in mean_ablations.items()},
                                 "vs_ablation_families": {n: _compare(g, mean_hydra) for n, g in mean_ablations.items()}}
@@ -602,8 +603,9 @@ def check_results_kept(proto: dict, results_dir: str | Path, names: set[str]) ->
 
 
 def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Path]:
-    """``<protocol>.json``, ``<protocol>.png`` (top-1 vs MACs, with the paper's curves beside) and ``<protocol>.md``."""
-    from .report import plot_pareto
+    """``<protocol>.json``, ``<protocol>.png`` (top-1 vs MACs, with the paper's curves beside) and ``<protocol>.md``;
+    with repeats also ``<protocol>-means.png`` (the families on their means, with error bars)."""
+    from .report import plot_means, plot_pareto
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     name = result["protocol"]
@@ -627,6 +629,11 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
         if any(len(o["top1_runs"]) > 1 for o in means if (o["family"], o.get("curve")) == (m["family"], m.get("curve"))):
             families.setdefault(f"{m.get('curve') or m['family']}, mean over repeats", []).append((m["macs"], m["top1"], ""))
     plot_pareto(families, png, paper=True, title=f"{name}: top-1 vs multiply-adds")
+    if any(len(m["top1_runs"]) > 1 for m in means):
+        label = {"baseline": "baselines (dense)", "hydranet": "HydraNets"}
+        plot_means({label.get(k, f"{k} (ablation)"): pts for k, pts in mean_curves(means).items()},
+                   results_dir / f"{name}-means.png",
+                   title=f"{name}: families on their means over seeds")
     atomic_write_text(markdown_table(result), md)
     return js, png, md
 
@@ -674,6 +681,26 @@ def pooled_seed_sd(members: list[dict]) -> float | None:
         return None
     dof = sum(len(g) - 1 for g in groups)
     return math.sqrt(sum((len(g) - 1) * float(np.var(g, ddof=1)) for g in groups) / dof)
+
+
+def mean_curves(members: list[dict], min_members: int = 3) -> dict[str, list[tuple[float, float, float | None, int]]]:
+    """The families on their means, for the means plot: the baselines, the HydraNets and each ablation family with at
+    least ``min_members`` members, as points ``(macs, mean top-1, standard error, runs)`` in MACs order. The standard
+    error is the family's pooled seed sd / sqrt(runs), the error the seed-noise draws give each mean (None where the
+    family has no repeats)."""
+    groups: dict[str, list[dict]] = {}
+    for m in members:
+        name = m["curve"] if m["family"] == "ablation" else m["family"]
+        if name:
+            groups.setdefault(name, []).append(m)
+    out = {}
+    for name, ms in groups.items():
+        if name not in ("baseline", "hydranet") and len(ms) < min_members:
+            continue
+        sd = pooled_seed_sd(ms)
+        out[name] = [(m["macs"], m["top1"], None if sd is None else sd / math.sqrt(len(m["top1_runs"])),
+                      len(m["top1_runs"])) for m in sorted(ms, key=lambda m: m["macs"])]
+    return out
 
 
 def seed_noise(means: list[dict], test_images: int, draws: int = 2000, seed: int = 0, target: float = 2.0,
@@ -789,6 +816,19 @@ def _seed_lines(means: dict, bss: list[str], test_images: int | None = None) -> 
     return lines
 
 
+def means_table(members: list[dict], bss: list[str]) -> str:
+    """The families on their means: one row per member with its repeats folded in (runs, mean top-1, sample sd,
+    median speed of its timed runs), the view the comparisons on the means read."""
+    lines = ["| member | family | runs | top-1 mean | sd | MMACs/img | " + " | ".join(f"img/s @{b}" for b in bss) + " |",
+             "|" + "---|" * (6 + len(bss))]
+    for m in members:
+        family = f"{m['family']} ({m['curve']})" if m.get("curve") else m["family"]
+        lines.append(f"| {m['name']} | {family} | {len(m['top1_runs'])} | {m['top1']:.2f} | "
+                     f"{_fmt(m['top1_sd'], '.2f', '-')} | {m['macs'] / 1e6:.1f} | "
+                     + " | ".join(_fmt(m.get('images_per_s_b' + b), ".0f", "-") for b in bss) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _ablation_family_lines(comps: dict, group: str, label: str, bss: list[str],
                            test_images: int | None = None) -> list[str]:
     """An ablation family against the baselines, then the HydraNets against it, from ``comps``' comparisons."""
@@ -819,6 +859,10 @@ def markdown_table(result: dict) -> str:
                      f"{r['params'] / 1e6:.2f} | "
                      + " | ".join(_fmt(r['images_per_s_b' + b], ".0f", "-") for b in bss) + " |")
     lines.append("")
+    members = result.get("seed_means", {}).get("members", [])
+    if any(len(m["top1_runs"]) > 1 for m in members):
+        lines += ["On the means over repeats (each member with its repeats folded in; speeds the median of the "
+                  "timed runs):", "", means_table(members, bss)]
     if any(r.get("subtask_recall") is not None for r in result["rows"]):
         lines.append("- Gate recall: a HydraNet gate's recall@k of the true subtask; in parentheses, for a dense network, "
                      "recall@1 of the subtask its summed class probabilities pick (a gate as good as the whole network)")

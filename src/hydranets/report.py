@@ -148,6 +148,34 @@ def plot_pareto(families: Mapping[str, Sequence[Point]], path: str | Path, paper
     return _save(fig, path)
 
 
+def plot_means(curves: Mapping[str, Sequence[tuple[float, float, float | None, int]]], path: str | Path,
+               title: str = "") -> Path:
+    """Plot families on their means over seeds and save a PNG; returns its path.
+
+    ``curves`` maps a family to points ``(macs, mean top-1 %, standard error or None, runs)``, as
+    ``pareto.mean_curves`` gives them; each point carries a +-1 standard error bar and its number of runs.
+    """
+    curves = {str(n): list(pts) for n, pts in curves.items() if pts}
+    if not curves:
+        raise HydraError("nothing to plot: every curve given to plot_means is empty")
+    fig = _new_figure(8.0, 5.5)
+    ax = fig.subplots(1, 1)
+    xs: list[float] = []
+    for name, pts in curves.items():
+        _check_points(name, [p[:2] for p in pts])
+        x = [p[0] / 1e6 for p in pts]
+        err = [p[2] if p[2] is not None else 0.0 for p in pts]
+        bars = ax.errorbar(x, [p[1] for p in pts], yerr=err, marker="o", capsize=3, label=name)
+        for xi, (_, yi, _, runs) in zip(x, pts):
+            ax.annotate(f"{runs}", (xi, yi), xytext=(4, -11), textcoords="offset points", fontsize=7,
+                        color=bars.lines[0].get_color())
+        xs += x
+    _style_macs_axis(ax, xs)
+    ax.set_title(title or "families on their means")
+    ax.legend(fontsize=8, loc="best", title="+-1 standard error; number: runs", title_fontsize=8)
+    return _save(fig, path)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
