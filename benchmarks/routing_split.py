@@ -65,29 +65,33 @@ def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.T
     return {g: {"count": h["count"], **{k: 100.0 * h[k] / max(h["count"], 1) for k in keys}} for g, h in hits.items()}
 
 
-def design(hydra: HydraNet) -> tuple[int, bool]:
-    """What ``summarise`` groups pairs by: the number of branches, and whether any class lies in two subtasks."""
-    return hydra.num_branches, hydra.partition is not None and hydra.partition.overlap
+def design(hydra: HydraNet) -> tuple[int, str]:
+    """What ``summarise`` groups pairs by: the number of branches, and how the subtasks overlap ("" for disjoint
+    subtasks, else "overlapping subtasks", with ", evenly" where ``partition.overlap_balanced`` spread them)."""
+    part = hydra.partition
+    if part is None or not part.overlap:
+        return hydra.num_branches, ""
+    return hydra.num_branches, "overlapping subtasks" + (", evenly" if part.meta.get("overlap_balanced") else "")
 
 
 def _share_right(split: dict[str, dict[str, float]]) -> float:
     return 100.0 * split["right"]["count"] / (split["right"]["count"] + split["wrong"]["count"])
 
 
-def summarise(rows: list[tuple[tuple[int, bool], dict[str, dict[str, float]]]]) -> list[str]:
-    """One line per design, (B, whether the subtasks overlap), over the (design, ``routing_split`` result) rows that
+def summarise(rows: list[tuple[tuple[int, str], dict[str, dict[str, float]]]]) -> list[str]:
+    """One line per design, (B, how the subtasks overlap), over the (design, ``routing_split`` result) rows that
     have a control: the mean share routed right and the mean HydraNet-minus-control top-1 difference on each group,
     in points; with two or more such rows, a last line over all of them: those differences' means, sample sds and
     signs, and how much a perfect gate lifts the misrouted images on average."""
     pairs = [(d, s) for d, s in rows if "control_top1" in s["right"]]
-    by_design: dict[tuple[int, bool], list[dict[str, dict[str, float]]]] = {}
+    by_design: dict[tuple[int, str], list[dict[str, dict[str, float]]]] = {}
     for design, split in pairs:
         by_design.setdefault(design, []).append(split)
     lines = []
     for (b, overlap), splits in sorted(by_design.items()):
         share = sum(_share_right(s) for s in splits)
         diff = {g: sum(s[g]["top1"] - s[g]["control_top1"] for s in splits) / len(splits) for g in ("right", "wrong")}
-        kind = ", overlapping subtasks" if overlap else ""
+        kind = f", {overlap}" if overlap else ""
         lines.append(f"B={b}{kind}: {len(splits)} pairs, routed right {share / len(splits):.1f}%; against the control "
                      f"{diff['right']:+.2f} points on the images routed right, {diff['wrong']:+.2f} on the rest")
     if len(pairs) > 1:

@@ -50,9 +50,14 @@ def test_split_groups_images_by_their_route_and_recombines_into_the_overall_figu
 def test_design_tells_overlapping_subtasks_apart():
     from hydranets.partition import Partition
     hydra, *_ = _models()
-    wide = Partition([[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9, 0]], 10, overlap=True)
-    overlapping = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=wide)
-    assert routing_split.design(hydra) == (3, False) and routing_split.design(overlapping) == (3, True)
+    subsets = [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9, 0]]
+    wide = Partition(subsets, 10, overlap=True)
+    even = Partition(subsets, 10, overlap=True, meta={"overlap_balanced": True})
+    overlapping, evenly = (build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=p)
+                           for p in (wide, even))
+    assert routing_split.design(hydra) == (3, "")
+    assert routing_split.design(overlapping) == (3, "overlapping subtasks")
+    assert routing_split.design(evenly) == (3, "overlapping subtasks, evenly")
 
 
 def test_split_needs_a_partition_and_main_refuses_what_it_cannot_load(tmp_path):
@@ -71,9 +76,9 @@ def test_summarise_averages_the_differences_from_the_control_per_design():
                           "true_route_top1": hydra_wrong + wrong_true_route}}
 
     no_control = {"right": {"count": 5, "top1": 1.0}, "wrong": {"count": 5, "top1": 1.0}}
-    rows = [((8, False), split(30, 70, 40.0, 41.0, 20.0, 23.0, 1.0)), ((2, False), split(75, 25, 30.0, 30.5, 20.0, 21.0, 2.0)),
-            ((8, False), split(40, 60, 44.0, 42.0, 25.0, 26.0)), ((8, False), no_control),
-            ((8, True), split(60, 40, 38.0, 39.0, 20.0, 22.0, 1.0))]
+    rows = [((8, ""), split(30, 70, 40.0, 41.0, 20.0, 23.0, 1.0)), ((2, ""), split(75, 25, 30.0, 30.5, 20.0, 21.0, 2.0)),
+            ((8, ""), split(40, 60, 44.0, 42.0, 25.0, 26.0)), ((8, ""), no_control),
+            ((8, "overlapping subtasks"), split(60, 40, 38.0, 39.0, 20.0, 22.0, 1.0))]
     # right: -1, -0.5, +2, -1 (mean -1/8, sd 1.44); rest: -3, -1, -1, -2 (mean -7/4, sd 0.96); the true route lifts
     # the rest by 1, 2, 0, 1
     assert routing_split.summarise(rows) == [
