@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 
 from hydranets.errors import HydraError  # noqa: E402
 from hydranets.partition import partition_random  # noqa: E402
-from hydranets.report import PLOT_FILES, plot_means, plot_pareto, write_report  # noqa: E402
+from hydranets.report import PLOT_FILES, curve_styles, plot_means, plot_pareto, write_report  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -141,6 +141,13 @@ def test_plot_pareto_with_paper_panel(tmp_path):
         plot_pareto({"x": [(0.0, 50.0)]}, tmp_path / "c.png")
     with pytest.raises(HydraError, match="nothing to plot"):
         plot_pareto({}, tmp_path / "d.png")
+
+
+def test_crowded_curves_do_not_repeat_a_look():
+    styles = curve_styles(60)
+    looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles}
+    assert len(looks) == 60 and len({s["color"] for s in styles}) == 20
+    assert styles[20]["color"] == styles[0]["color"] and styles[20]["linestyle"] != styles[0]["linestyle"]
 
 
 def test_plot_means_draws_error_bars(tmp_path):

@@ -97,6 +97,17 @@ def _style_macs_axis(ax: Any, xs: Sequence[float]) -> None:
 
 
 _LEGEND_INSIDE = 8  # curves that one panel's legend holds without hiding them
+_CROWDED_LINES = (("-", "o"), ("--", "^"), (":", "D"))
+
+
+def curve_styles(n: int) -> list[dict[str, Any]]:
+    """Colour, line style and marker for ``n`` curves of a crowded plot: twenty colours, then the same colours
+    dashed with other markers, then dotted, so no two of the first sixty curves look alike."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab20"].colors
+    return [{"color": colours[i % len(colours)], "linestyle": _CROWDED_LINES[i // len(colours) % 3][0],
+             "marker": _CROWDED_LINES[i // len(colours) % 3][1]} for i in range(n)]
 
 
 def plot_pareto(families: Mapping[str, Sequence[Point]], path: str | Path, paper: bool = False, title: str = "",
@@ -118,15 +129,14 @@ def plot_pareto(families: Mapping[str, Sequence[Point]], path: str | Path, paper
     fig = _new_figure(13.0 if paper else 8.0, 5.5 + 0.2 * rows)
     axes = fig.subplots(1, 2) if paper else [fig.subplots(1, 1)]
     ax = axes[0]
-    if crowded:
-        from matplotlib import colormaps
-        ax.set_prop_cycle(color=colormaps["tab20"].colors)
+    styles = curve_styles(len(curves)) if crowded else [{} for _ in curves]
     xs: list[float] = []
-    for name, pts in curves.items():
+    for (name, pts), style in zip(curves.items(), styles):
         x = [p[0] / 1e6 for p in pts]
         y = [p[1] for p in pts]
-        line = ax.plot(x, y, marker="o" if len(pts) > 1 else "s", markersize=6 if len(pts) > 1 else 8,
-                       linestyle="-" if len(pts) > 1 else "none", label=name)[0]
+        line = ax.plot(x, y, marker=style.get("marker", "o") if len(pts) > 1 else "s",
+                       markersize=6 if len(pts) > 1 else 8, color=style.get("color"),
+                       linestyle=style.get("linestyle", "-") if len(pts) > 1 else "none", label=name)[0]
         for xi, yi, (_, _, lab) in zip(x, y, pts):
             if lab:
                 ax.annotate(lab, (xi, yi), xytext=(5, 5), textcoords="offset points", fontsize=8,
