@@ -49,8 +49,9 @@ def test_models_pattern_filters(capsys):
     assert code == 0 and names and all(n.startswith("resnet") for n in names)
     assert set(names) == {n for n in list_models() if n.startswith("resnet")}
     assert len(names) < len(list_models())
-    code, out, _ = run(capsys, "models", "no-such-model-*")
-    assert code == 0 and out.split() == []
+    code, out, err = run(capsys, "models", "no-such-model-*")  # nothing matches: said, not an empty list
+    assert code == 2 and out == ""
+    assert "no registered model matches 'no-such-model-*'" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- eval

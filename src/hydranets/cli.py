@@ -130,7 +130,10 @@ def cmd_report(args) -> None:
 
 def cmd_models(args) -> None:
     from . import list_models
-    print("\n".join(list_models(args.pattern)))
+    names = list_models(args.pattern)
+    if not names:
+        raise HydraError(f"no registered model matches {args.pattern!r}; `hydranets models` lists them all")
+    print("\n".join(names))
 
 
 def cmd_bench_pareto(args) -> None:
