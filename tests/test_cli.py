@@ -131,6 +131,7 @@ def test_partition_kmeans_default_place_and_overwrite(runs, capsys):
     code, out, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--method", "kmeans")
     assert code == 0, err
     part = check_partition(default, "kmeans")
+    assert part.meta["precision"] == "fp32"  # the descriptors in the precision the baseline was trained in
     assert f"saved {default}" in out and "2 subtasks over 10 classes (kmeans)" in out
     assert all(CLASSES[c] in out for c in range(10))
     assert part.meta["dataset"] == "synthetic"

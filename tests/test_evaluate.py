@@ -60,3 +60,20 @@ def test_shuffled_top1_runs_the_next_branch_with_the_gates_weight():
     with torch.no_grad():
         assert torch.equal(model(x), before)  # the branches are back in place
     assert "shuffled_top1" not in evaluate(model, [(x, y)])
+
+
+def test_auto_precision_is_resolved_for_the_device_not_run_in_fp32():
+    from hydranets import create_model
+    from hydranets.evaluate import autocast_for, evaluate, resolve_precision
+    torch.manual_seed(0)
+    model = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5)
+    batches = [(torch.randn(16, 3, 16, 16), torch.arange(16) % 10)]
+    cpu = torch.device("cpu")
+    here = resolve_precision("auto", cpu)  # bf16 on a CPU with AVX512-BF16 or AMX, else fp32
+    auto = evaluate(model, batches, precision="auto", collect_probs=True)
+    resolved = evaluate(model, batches, precision=here, collect_probs=True)
+    assert auto["precision"] == here and torch.equal(auto["probs"], resolved["probs"])
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        autocast_for(cpu, "auto")
+    with pytest.raises(ValueError, match="not one of"):
+        autocast_for(cpu, "fp64")

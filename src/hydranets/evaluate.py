@@ -24,11 +24,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_for(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (``resolve_precision`` first: ``auto`` is refused here, so that it
+    never runs silently in fp32)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp16":
         return torch.autocast(device.type, dtype=torch.float16)
-    return nullcontext()
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"precision {precision!r} is not one of bf16, fp16, fp32 (resolve 'auto' with resolve_precision)")
 
 
 @torch.no_grad()
@@ -47,11 +51,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     was_training = model.training
     model.eval()
     hydra = model if isinstance(model, HydraNet) else None
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     correct1 = correct5 = total = 0
     recall_hits = true_hits = shuffled_hits = 0
     load = matrix = None
     probs, labels = [], []
-    device = next(model.parameters()).device
     for x, y in batches:
         with autocast_for(device, precision):
             if hydra is not None:
@@ -85,7 +90,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                         forced = hydra(x, routing="topk", topk=topk, force=member)
                     true_hits += (forced.float().argmax(1) == y).sum().item()
     model.train(was_training)
-    result = {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "count": total}
+    result = {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "count": total,
+              "precision": precision}
     if hydra is not None:
         result["topk"] = topk or hydra.topk
         result["branch_load"] = (load / total).tolist() if load is not None else []

@@ -102,7 +102,8 @@ def compute_partition(cfg: Config, baseline_run: str | Path, out_file: str | Pat
                        num_classes=len(train_set.classes), seed=cfg.partition.seed, overlap=cfg.partition.overlap,
                        overlap_balanced=cfg.partition.overlap_balanced,
                        class_names=train_set.classes, seeds=cfg.partition.seeds)
-    p.meta.update({"baseline": str(baseline_run), "dataset": run_cfg.data.name, "baseline_train_top1": ev["top1"]})
+    p.meta.update({"baseline": str(baseline_run), "dataset": run_cfg.data.name, "baseline_train_top1": ev["top1"],
+                   "precision": ev["precision"]})
     p.save(out_file)
     return p
 
