@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -105,7 +105,7 @@ def summarise(rows: list[tuple[tuple[int, str], dict[str, dict[str, float]]]]) -
     return lines
 
 
-def _load_pair(spec: str, device: torch.device) -> tuple[HydraNet, nn.Module | None, dict]:
+def load_pair(spec: str, device: torch.device) -> tuple[HydraNet, nn.Module | None, dict]:
     hydra_path, _, control_path = spec.partition(":")
     hydra, ckpt = load_trained(hydra_path, device)
     if not isinstance(hydra, HydraNet):
@@ -116,6 +116,24 @@ def _load_pair(spec: str, device: torch.device) -> tuple[HydraNet, nn.Module | N
         if other["config"]["data"] != ckpt["config"]["data"]:
             raise HydraError(f"{control_path} was trained on other data than {hydra_path}; pair runs of one data set")
     return hydra, control, ckpt
+
+
+def each_pair(specs: list[str], device: torch.device, batch_size: int, tool: str
+              ) -> Iterator[tuple[HydraNet, nn.Module | None, str, BatchLoader]]:
+    """Each ``HYDRA[:CONTROL]`` spec loaded, with the precision its HydraNet was trained in and that HydraNet's test
+    batches (each data set decoded once); a spec that does not load ends the script with one line naming ``tool``."""
+    test_sets = {}
+    for spec in specs:
+        try:
+            hydra, control, ckpt = load_pair(spec, device)
+        except (HydraError, OSError) as e:
+            raise SystemExit(f"{tool}: {e}") from None
+        cfg = config_from_dict(ckpt["config"])
+        data_key = json.dumps(ckpt["config"]["data"], sort_keys=True)
+        if data_key not in test_sets:
+            test_sets[data_key] = load_data(cfg)[1]
+        batches = BatchLoader(test_sets[data_key], batch_size, train=False, device=device, prefetch=False)
+        yield hydra, control, resolve_precision(cfg.train.precision, device), batches
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,20 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     w2 = max([22] + [len(n[-1]) + 2 for n in names if len(n) > 1])
     header = (f"{'HydraNet':>{w1}}{'B':>4}{'routed right':>14}{'top-1 right':>13}{'top-1 wrong':>13}"
               f"{'wrong, true route':>19}{'control':>{w2}}{'control right':>15}{'control wrong':>15}")
-    rows, test_sets = [], {}
-    for i, spec in enumerate(args.pairs):
-        try:
-            hydra, control, ckpt = _load_pair(spec, device)
-        except (HydraError, OSError) as e:
-            raise SystemExit(f"routing_split: {e}") from None
+    rows = []
+    for i, (hydra, control, precision, batches) in enumerate(each_pair(args.pairs, device, args.batch_size,
+                                                                       "routing_split")):
         if i == 0:
             print(header)
-        cfg = config_from_dict(ckpt["config"])
-        data_key = json.dumps(ckpt["config"]["data"], sort_keys=True)
-        if data_key not in test_sets:   # pairs of one data set decode it once
-            test_sets[data_key] = load_data(cfg)[1]
-        batches = BatchLoader(test_sets[data_key], args.batch_size, train=False, device=device, prefetch=False)
-        split = routing_split(hydra, batches, resolve_precision(cfg.train.precision, device), control)
+        split = routing_split(hydra, batches, precision, control)
         rows.append((design(hydra), split))
         right, wrong = split["right"], split["wrong"]
         line = (f"{names[i][0]:>{w1}}{hydra.num_branches:>4}{_share_right(split):>13.1f}%{right['top1']:>13.2f}"

@@ -1,7 +1,10 @@
 """Assertions and runners shared by the CLI, training, pipeline and predict tests."""
 import contextlib
+import importlib.util
 import io
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -9,6 +12,19 @@ from hydranets import Partition
 from hydranets.cli import main
 from hydranets.config import load_config
 from hydranets.train import train
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` as a module, able to import the scripts beside it as it does when run."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

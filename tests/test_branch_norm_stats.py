@@ -1,15 +1,10 @@
 """benchmarks/branch_norm_stats.py: untying shared branch norms and estimating each branch's statistics."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from hydranets import build_hydranet
+from helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "branch_norm_stats", Path(__file__).parents[1] / "benchmarks" / "branch_norm_stats.py")
-bns = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bns)
+bns = load_benchmark("branch_norm_stats")
 
 
 class _Centred(torch.nn.Linear):

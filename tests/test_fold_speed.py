@@ -1,20 +1,17 @@
 """benchmarks/fold_speed.py: trained models timed as trained and folded, and the families' time savings both ways."""
 import contextlib
-import importlib.util
 import io
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from hydranets import Partition
 from hydranets.config import load_config
 from hydranets.train import train
+from helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("fold_speed", Path(__file__).parents[1] / "benchmarks" / "fold_speed.py")
-fold_speed = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fold_speed)
+fold_speed = load_benchmark("fold_speed")
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "data.augment=none", "optim.warmup_epochs=0",
         "train.epochs=1", "train.batch_size=32", "train.precision=fp32", "train.channels_last=false",

@@ -1,13 +1,11 @@
 """benchmarks/paired.py: pair-by-pair top-1 differences of a saved pareto result, and its errors."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "benchmarks" / "paired.py")
-paired = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(paired)
+from helpers import load_benchmark
+
+paired = load_benchmark("paired")
 
 
 @pytest.fixture

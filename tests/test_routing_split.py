@@ -1,16 +1,12 @@
 """benchmarks/routing_split.py: a HydraNet's top-1 on the images its gate routes right and wrong."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from hydranets import build_hydranet, create_model
 from hydranets.evaluate import evaluate
+from helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("routing_split", Path(__file__).parents[1] / "benchmarks" / "routing_split.py")
-routing_split = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(routing_split)
+routing_split = load_benchmark("routing_split")
 
 SUBSETS = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
 

@@ -1,0 +1,51 @@
+"""benchmarks/within_subtask.py: specialists against a generalist, both told each image's subtask."""
+import pytest
+import torch
+
+from hydranets import build_hydranet, create_model
+from hydranets.evaluate import evaluate
+from helpers import load_benchmark
+
+within_subtask = load_benchmark("within_subtask")
+
+SUBSETS = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_top1_within_the_true_subtask_by_hand():
+    torch.manual_seed(0)
+    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=SUBSETS).eval()
+    control = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5).eval()
+    x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 10
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    r = within_subtask.within_subtask(hydra, control, batches)
+    assert r["count"] == 60
+    assert r["true_route_top1"] == pytest.approx(evaluate(hydra, batches, true_route=True)["true_route_top1"])
+    assert r["control_top1"] == pytest.approx(evaluate(control, batches)["top1"])
+    with torch.no_grad():
+        subtask = [next(s for s in SUBSETS if c in s) for c in y.tolist()]
+        forced = hydra(x, force=hydra.membership[y])
+        other = control(x)
+
+    def within(scores):
+        return 100.0 * sum(s[sub].argmax().item() == sub.index(c) for s, sub, c in zip(scores, subtask, y.tolist())) / 60
+
+    assert r["specialist_within"] == pytest.approx(within(forced))
+    assert r["control_within"] == pytest.approx(within(other))
+    assert r["control_within"] > r["control_top1"] and r["specialist_within"] >= r["true_route_top1"]
+
+
+def test_summarise_by_design_and_over_all_pairs():
+    def row(spec, ctrl):
+        return {"specialist_within": spec, "control_within": ctrl}
+
+    rows = [((8, ""), row(60.0, 61.0)), ((8, ""), row(64.0, 62.0)), ((2, ""), row(40.0, 40.5))]
+    assert within_subtask.summarise(rows) == [
+        "B=2: 1 pairs, the specialists against the control within the subtask -0.50 points",
+        "B=8: 2 pairs, the specialists against the control within the subtask +0.50 points",
+        "all 3 pairs: +0.17 points within the subtask (sd 1.61, above the control in 1)"]
+    assert len(within_subtask.summarise(rows[:1])) == 1
+
+
+def test_main_wants_pairs(tmp_path):
+    with pytest.raises(SystemExit, match="HYDRA_RUN:CONTROL_RUN"):
+        within_subtask.main([str(tmp_path / "hydra")])
