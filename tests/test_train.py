@@ -671,3 +671,16 @@ def test_resume_keeps_the_precision_the_run_started_in(tmp_path, capsys):
     assert "was started in" not in err
     assert load_ckpt(out)["config"]["train"]["precision"] == here
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_progress_bar_redraws_rarely_into_a_log_file(monkeypatch):
+    """Redirected to a file, the bar draws its start and end, not every step (a terminal gets the live bar)."""
+    import io
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = train_mod._progress(500, "epoch 1/1", True)
+    for _ in range(500):
+        bar.update(1)
+        time.sleep(0.001)
+    bar.close()
+    assert log.getvalue().count("\r") <= 4

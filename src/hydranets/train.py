@@ -715,7 +715,9 @@ def _progress(total: int, desc: str, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    interactive = sys.stderr.isatty()  # in a log file, a bar redrawn ten times a second is megabytes of noise
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                mininterval=0.1 if interactive else 60.0)
 
 
 def _tensorboard(out: Path):
