@@ -434,6 +434,30 @@ def test_shared_branch_norms_make_every_branch_one_network():
             torch.testing.assert_close(br(feats), first(feats))
 
 
+def test_tied_branches_stay_tied_after_a_move_to_another_dtype():
+    """Module.to replaces buffers with converted copies; the branches must still share one set (as on CUDA)."""
+    one = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, depth=8, width=0.5, branch_width=1.0,
+                         share_branch_weights=True, share_branch_norms=True).to(torch.float64)
+    first = one.branches[0]
+    for br in one.branches[1:]:
+        assert all(t is first.get_buffer(n) for n, t in br.named_buffers())
+        assert all(t is first.get_parameter(n) for n, t in br.named_parameters())
+    one.train()
+    one(torch.randn(6, 3, 16, 16, dtype=torch.float64), route=torch.tensor([[2]] * 6))
+    assert one.branches[1].get_buffer("0.0.body.0.1.running_mean").abs().sum() > 0
+
+
+@pytest.mark.parametrize("route, match", [
+    ([[0, 0], [1, 1]], "names a branch twice"),
+    ([[0, 1]], r"shape \(N=2, k\)"),
+    ([[0, 8], [1, 2]], "outside 0..7"),
+    ([[0.0, 1.0], [1.0, 2.0]], "integer tensor"),
+])
+def test_a_callers_route_is_checked(hydra, route, match):
+    with pytest.raises(HydraError, match=match):
+        hydra(torch.randn(2, 3, 32, 32), route=torch.tensor(route))
+
+
 def test_ghost_branch_norms_normalise_training_groups_on_their_own_and_keep_ties():
     torch.manual_seed(0)
     one = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, depth=8, width=0.5, branch_width=1.0,

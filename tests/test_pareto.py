@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_frontier_keeps_only_improving_points():
     assert frontier([(3, 50), (1, 40), (2, 39), (4, 60)]) == [(1, 40), (3, 50), (4, 60)]
+    assert frontier([(1, 50), (1, 60), (2, 70)]) == [(1, 60), (2, 70)]  # at equal cost only the better one
 
 
 def test_compare_families_by_hand():

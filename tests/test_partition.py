@@ -101,6 +101,15 @@ def test_fill_evenly_swaps_a_class_left_with_room_only_in_its_own_subset():
     assert second.tolist() == list(best) == [1, 2, 0]
 
 
+@pytest.mark.parametrize("num_classes", [3, 5, 13])
+def test_fill_evenly_two_subtasks_odd_classes(num_classes):
+    """With B=2 every class's second subtask is the other one, so each subtask ends holding every class, whichever
+    of the two got the extra class first."""
+    part = partition_kmeans(np.random.default_rng(num_classes).random((num_classes, 6)), 2, overlap=True,
+                            overlap_balanced=True)
+    assert [s for s in part.subsets] == [list(range(num_classes))] * 2
+
+
 def test_random_partition_deterministic_and_balanced():
     a, b, c = partition_random(10, 3, seed=5), partition_random(10, 3, seed=5), partition_random(10, 3, seed=6)
     assert a.subsets == b.subsets and a.subsets != c.subsets
@@ -145,6 +154,8 @@ def test_make_partition_dispatch():
     (lambda: class_mean_outputs(np.ones((2, 3)), np.array([0, 5]), 3), "labels must be"),
     (lambda: partition_spectral(np.ones((3, 4)), 2), "square"),
     (lambda: partition_random(4, 2, class_names=["a"]), "class names"),
+    (lambda: Partition([[0.5], [1]], 2), "holds 0.5 where a class index"),
+    (lambda: Partition([["a"], [1]], 2), "holds 'a' where a class index"),
 ])
 def test_errors(call, match):
     with pytest.raises(HydraError, match=match):

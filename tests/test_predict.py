@@ -118,6 +118,15 @@ def test_predict_matches_an_independent_forward_pass(runs, name):
         assert "branches" not in rows[0]
 
 
+def test_predict_on_a_model_in_training_mode_predicts_as_in_eval_and_changes_nothing(runs):
+    model = hydranets.load_model(runs["hydranet"], "cpu")
+    expected = hydranets.predict(model, runs["x"], top=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    assert hydranets.predict(model, runs["x"], top=2) == expected
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 def test_predict_bad_input(runs):
     model = hydranets.load_model(runs["baseline"], "cpu")
     with pytest.raises(HydraError, match="uint8"):

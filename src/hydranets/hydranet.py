@@ -56,6 +56,7 @@ class HydraNet(nn.Module):
         self.classifier = classifier
         self.in_chans = in_chans
         self.num_features = classifier.in_features
+        self.tied_norms: bool | None = None  # set by tie_branches: branches share weights (and norms if True)
         self.num_classes = classifier.out_features
         if gate_weighting not in ("sigmoid", "softmax", "none"):
             raise HydraError(f"gate_weighting must be 'sigmoid', 'softmax' or 'none', got {gate_weighting!r}")
@@ -65,6 +66,19 @@ class HydraNet(nn.Module):
         self.partition = partition
         membership = partition.membership() if partition is not None else torch.zeros(0, len(branches))
         self.register_buffer("membership", membership)
+
+    def tie_branches(self, norms: bool = False) -> None:
+        """Make every branch use the first branch's weights (and normalisation layers with ``norms``)."""
+        tie_branch_weights(self.branches, norms=norms)
+        self.tied_norms = norms
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module._apply replaces buffers (and, under some torch settings, parameters) with converted copies,
+        # which would untie the branches on a move to another device or dtype.
+        super()._apply(fn, recurse)
+        if self.tied_norms is not None:
+            tie_branch_weights(self.branches, norms=self.tied_norms)
+        return self
 
     @property
     def num_branches(self) -> int:
@@ -106,6 +120,8 @@ class HydraNet(nn.Module):
         gate_feats = self.gate[:-1](feats)
         gate_logits = self.gate[-1](gate_feats)
         routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
+        if route is not None:
+            _check_route(route, x.shape[0], self.num_branches)
         if route is None and routing == "topk":
             k = self.topk if topk is None else _check_topk(topk, self.num_branches)
             scores = gate_logits.detach().float()
@@ -118,6 +134,17 @@ class HydraNet(nn.Module):
             combined = combined + self.shared(gate_feats).to(combined.dtype)
         logits = self.classifier(self.norm(combined))
         return HydraOutput(logits, gate_logits, route) if return_gate else logits
+
+
+def _check_route(route: torch.Tensor, n: int, num_branches: int) -> None:
+    """A caller's route: (N, k) distinct branch indices per image, as top-k would give."""
+    if route.dim() != 2 or route.shape[0] != n or not 1 <= route.shape[1] <= num_branches or route.is_floating_point():
+        raise HydraError(f"route must be an integer tensor of shape (N={n}, k) with 1 <= k <= {num_branches}, "
+                         f"got {tuple(route.shape)} {route.dtype}")
+    if n and (route.min() < 0 or route.max() >= num_branches):
+        raise HydraError(f"route holds branch indices outside 0..{num_branches - 1}")
+    if route.shape[1] > 1 and (route.sort(1).values.diff(dim=1) == 0).any():
+        raise HydraError("route names a branch twice for one image; each image's k branches must differ")
 
 
 def _check_topk(k: int, num_branches: int) -> int:
@@ -197,7 +224,7 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
         nn.init.zeros_(model.shared.weight)
         nn.init.zeros_(model.shared.bias)
     if share_branch_weights:
-        tie_branch_weights(model.branches, norms=share_branch_norms)
+        model.tie_branches(norms=share_branch_norms)
     return model
 
 

@@ -99,8 +99,19 @@ def predict(model: nn.Module, images: torch.Tensor, top: int | None = None,
         raise HydraError(f"top must be a whole number from 1 to the {len(spec.classes)} classes, got {top!r}")
     device = next(model.parameters()).device
     dataset = ImageDataset(images, torch.zeros(len(images), dtype=torch.long), spec.classes, spec.mean, spec.std)
+    was_training = model.training
+    model.eval()
+    try:
+        return _predict_batches(model, BatchLoader(dataset, batch_size, train=False, device=device,
+                                                   channels_last=False, prefetch=False), spec, top)
+    finally:
+        model.train(was_training)
+
+
+def _predict_batches(model: nn.Module, batches: Any, spec: InputSpec, top: int) -> list[dict[str, Any]]:
+    from .hydranet import HydraNet
     out = []
-    for x, _ in BatchLoader(dataset, batch_size, train=False, device=device, channels_last=False, prefetch=False):
+    for x, _ in batches:
         if isinstance(model, HydraNet):
             res = model(x, return_gate=True)
             logits, route = res.logits, res.route

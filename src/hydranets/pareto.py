@@ -231,7 +231,7 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float | None:
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The best top-1 reachable at each cost: sorted by cost, accuracy made non-decreasing."""
     out, best = [], -1.0
-    for cost, acc in sorted(points):
+    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
         if acc > best:
             out.append((cost, acc))
             best = acc

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ class Partition:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.subsets = [sorted(int(c) for c in s) for s in self.subsets]
+        self.subsets = [sorted(_class_index(c) for c in s) for s in self.subsets]
         validate_subsets(self.subsets, self.num_classes, self.overlap)
         if self.class_names is not None:
             self.class_names = [str(n) for n in self.class_names]
@@ -90,6 +91,15 @@ class Partition:
                 raise HydraError(f"partition file {path} is for another data set (class {diff} is "
                                  f"{part.class_names[diff]!r} there, {expected[diff]!r} here)")
         return part
+
+
+def _class_index(c: object) -> int:
+    try:
+        if isinstance(c, bool):
+            raise TypeError
+        return operator.index(c)
+    except TypeError:
+        raise HydraError(f"partition holds {c!r} where a class index (an integer) belongs") from None
 
 
 def validate_subsets(subsets: Sequence[Sequence[int]], num_classes: int, overlap: bool = False) -> None:
@@ -286,10 +296,15 @@ def _add_second_nearest(x: np.ndarray, centroids: np.ndarray, subsets: list[list
 
 def _fill_evenly(d: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Each class's second subset: the nearest (by ``d``, inf at its own) with room, every subset taking
-    C//B (C%B of them one more) second members; a class left with room only in its own subset swaps with
-    the cheapest class that can take that room."""
+    C//B (C%B of them one more, the lowest-numbered that have that many classes outside them) second
+    members; a class left with room only in its own subset swaps with the cheapest class that can take
+    that room."""
     n, k = d.shape
-    room = np.array(_balanced_sizes(n, k))
+    outside = n - np.bincount(first, minlength=k)
+    base, extra = divmod(n, k)
+    room = np.full(k, base)
+    for b in np.flatnonzero(outside > base)[:extra]:
+        room[b] += 1
     second = np.full(n, -1)
     for flat in np.argsort(d, axis=None, kind="stable"):
         c, b = divmod(int(flat), k)
