@@ -114,6 +114,9 @@ def test_eval_bad_input(runs, capsys, tmp_path):
     assert code == 2 and "--topk" in one_error_line(err)
     code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "3", *SPEED)
     assert code == 2 and "topk" in one_error_line(err)
+    for flag in ("--repeats", "--speed-batch", "--batch-size"):
+        code, _, err = run(capsys, "eval", str(runs["hydranet"]), *SPEED, flag, "0")
+        assert code == 2 and f"{flag} must be at least 1, got 0" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- partition
@@ -165,6 +168,17 @@ def test_partition_overlap_default_place(runs, capsys):
     assert part.overlap and part.meta["overlap_balanced"] and f"saved {path}" in out
     assert part.membership().sum(1).tolist() == [2.0] * 10
     assert "3 subtasks over 10 classes (kmeans, overlapping evenly)" in out
+
+
+def test_partition_of_a_safetensors_file_lands_in_its_run_folder(runs, capsys, tmp_path):
+    import shutil
+    run_dir = tmp_path / "baseline"
+    shutil.copytree(runs["baseline"], run_dir)
+    code, out, err = run(capsys, "partition", str(run_dir / "model.safetensors"), "-B", "2", "--method", "random")
+    assert code == 0, err
+    saved = [p.name for p in run_dir.glob("partition_random*.json")]
+    assert len(saved) == 1 and f"saved {run_dir / saved[0]}" in out
+    assert not list(tmp_path.glob("partition_*.json"))
 
 
 def test_partition_bad_input(runs, capsys, tmp_path):

@@ -368,6 +368,39 @@ def test_tiny_imagenet_folder_pixels_labels_names(tmp_path):
     assert np.allclose(two.mean, (tx2 / 255).mean((0, 2, 3)))
 
 
+def test_tiny_imagenet_folder_cache_sees_replaced_and_added_images(tmp_path, monkeypatch):
+    tree = make_tiny(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = load_dataset("tiny-imagenet", "train", root=tree["root"], cache_dir=cache)
+    tx, _, _, _ = expected_tiny(tree)
+    assert np.array_equal(first.images.numpy(), tx)
+
+    def broken(*args):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "_decode_image", broken)
+        assert torch.equal(load_dataset("tiny-imagenet", "train", root=tree["root"], cache_dir=cache).images,
+                           first.images)
+
+    wnid = sorted(WNIDS)[0]
+    images = tree["root"] / "train" / wnid / "images"
+    Image.fromarray(np.full((6, 8, 3), 123, np.uint8)).save(images / f"{wnid}_0.png")
+    replaced = load_dataset("tiny-imagenet", "train", root=tree["root"], cache_dir=cache)
+    assert len(replaced) == 9 and (replaced.images[0] == 123).all()
+    assert torch.equal(replaced.images[1:], first.images[1:])
+
+    Image.fromarray(np.full((6, 8, 3), 77, np.uint8)).save(images / f"{wnid}_9.png")
+    added = load_dataset("tiny-imagenet", "train", root=tree["root"], cache_dir=cache)
+    assert len(added) == 10 and (added.images[3] == 77).all() and added.labels.tolist()[:4] == [0] * 4
+
+    val = load_dataset("tiny-imagenet", "test", root=tree["root"], cache_dir=cache)
+    Image.fromarray(np.full((6, 8, 3), 55, np.uint8)).save(tree["root"] / "val" / "images" / "val_0.JPEG",
+                                                            quality=100)
+    val_after = load_dataset("tiny-imagenet", "test", root=tree["root"], cache_dir=cache)
+    assert not torch.equal(val.images[0], val_after.images[0]) and (val_after.images[0] == 55).all()
+
+
 def test_tiny_imagenet_archive_matches_folder_and_caches(tmp_path, monkeypatch):
     tree = make_tiny(tmp_path / "data")
     archive = tar_gz(tree["root"], tmp_path / "tiny.tar.gz")
@@ -683,3 +716,27 @@ def test_imagefolder_train_crops_and_errors(tmp_path):
         ds[len(ds) - 1]
     with pytest.raises(HydraError, match="not found"):
         ImageFolderDataset(tmp_path, "test")
+
+
+def test_folder_batches_epoch_order_survives_a_resume_with_workers(tmp_path):
+    from hydranets.data.imagefolder import FolderBatches
+
+    for c in range(2):
+        d = tmp_path / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((4, 4, 3), c * 100 + i, np.uint8)).save(d / f"{i}.png")
+
+    def orders(epochs: list[int]) -> list[list[float]]:
+        fb = FolderBatches(tmp_path, "train", 4, train=True, image_size=4, workers=1, seed=3, channels_last=False)
+        fb.loader.dataset.train = False  # a centre crop keeps each image's one colour, which names it
+        out = []
+        for e in epochs:
+            fb.set_epoch(e)
+            out.append([v for x, _ in fb for v in x[:, 0, 0, 0].tolist()])
+        return out
+
+    continuous = orders([0, 1, 2])
+    resumed = orders([2])
+    assert len(set(continuous[2])) == 16 and len({tuple(o) for o in continuous}) == 3
+    assert resumed[0] == continuous[2]

@@ -251,6 +251,45 @@ def test_killed_hydranet_training_continues_from_checkpoint(finished, tmp_path, 
     assert len(json.loads((out / "eval.json").read_text())["rows"]) == 1 + BRANCHES
 
 
+def test_a_resumed_baseline_keeps_its_precision_and_the_subtasks_follow_it(tmp_path, capsys, monkeypatch):
+    """precision=auto: a baseline started in fp32 (here: auto made to pick fp32) and resumed where auto picks bf16
+    ends in fp32, with a note, and its subtasks are computed in fp32 too."""
+    from hydranets.evaluate import resolve_precision
+    if resolve_precision("auto", torch.device("cpu")) == "fp32":
+        pytest.skip("this CPU has no fast bf16, so train.precision=auto picks fp32 either way")
+    out, auto = tmp_path / "run", [a for a in COMMON if not a.startswith("train.precision")] + ["train.precision=auto"]
+    real_epoch, real_resolve, seen = train_mod.train_one_epoch, train_mod.resolve_precision, []
+
+    def killed_in_second_epoch(cfg, net, model, hydra, *args):
+        if args[-3] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(cfg, net, model, hydra, *args)
+
+    def run(*patches) -> tuple[int, str]:
+        capsys.readouterr()
+        with pytest.MonkeyPatch.context() as mp:
+            for patch in patches:
+                mp.setattr(*patch)
+            try:
+                main(["pipeline", *auto, f"out={out}"])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        return code, capsys.readouterr().err
+
+    def stop_at_subtasks(cfg, *args):
+        seen.append(cfg.train.precision)
+        raise KeyboardInterrupt
+
+    code, _ = run((train_mod, "train_one_epoch", killed_in_second_epoch),
+                  (train_mod, "resolve_precision", lambda p, d: "fp32" if p == "auto" else real_resolve(p, d)))
+    assert code == 130 and torch.load(out / "baseline" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    code, err = run(("hydranets.pipeline.compute_partition", stop_at_subtasks))
+    assert code == 130 and "was started in fp32; it continues in fp32" in err
+    assert "precision: fp32" in (out / "baseline" / "config.yaml").read_text()
+    assert [r["epoch"] for r in read_metrics(out / "baseline")] == [1, 2, 3] and seen == ["fp32"]
+
+
 # ---------------------------------------------------------------- bad input
 def test_too_many_branches_fails_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))

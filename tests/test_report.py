@@ -129,6 +129,21 @@ def test_bad_inputs_are_errors(tmp_path):
         write_report(run)
 
 
+def test_damaged_samples_file_is_one_error(tmp_path):
+    run = make_run(tmp_path)
+    path = run / "samples.npz"
+    whole = path.read_bytes()
+    for broken in (whole[: len(whole) // 2], b"", whole[:-30]):
+        path.write_bytes(broken)
+        with pytest.raises(HydraError, match=r"samples\.npz .*damaged or half-written: delete it and eval\.json"):
+            write_report(run)
+    np.savez(path, other=np.zeros(3))
+    with pytest.raises(HydraError, match=r"samples\.npz .*KeyError"):
+        write_report(run)
+    path.unlink()
+    assert "samples.npz not found" in write_report(run).read_text()
+
+
 def test_plot_pareto_with_paper_panel(tmp_path):
     families = {"ours": [(30e6, 70.0, "k=1"), (50e6, 72.0, "k=2")], "base": [(60e6, 71.0)]}
     wide = check_png(plot_pareto(families, tmp_path / "a.png", paper=True, title="t").read_bytes())

@@ -459,6 +459,11 @@ def test_unknown_key_via_cli(tmp_path):
     ("hydra={enabled: true, branch_norm_group: 1, gate_loss: 0}", ["hydra.branch_norm_group", "integer >= 2", "got 1"]),
     ("hydra={enabled: true, share_branch_norms: true, gate_loss: 0}",
      ["hydra.share_branch_norms=true", "set hydra.share_branch_weights=true too"]),
+    ("train.accum_steps=-1", ["train.accum_steps", "integer >= 1", "-1"]),
+    ("train.epochs=0", ["train.epochs", "integer >= 1", "0"]),
+    ("train.threads=-1", ["train.threads", "integer >= 0", "-1"]),
+    ("train.device=gpu", ["'gpu'", "not a device name", "cuda:N"]),
+    ("data.root=[oops", ["'data.root=[oops'", "not a YAML value"]),
 ])
 def test_bad_overrides(tmp_path, capsys, override, words):
     code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)
@@ -484,6 +489,15 @@ def test_missing_config_file(tmp_path, capsys):
     code, err = run_main(capsys, "--config", str(tmp_path / "nope.yaml"), *BASE, f"out={tmp_path / 'run'}")
     assert code == 2
     one_error_line(err, "nope.yaml", "does not exist")
+    code, err = run_main(capsys, "--config", str(tmp_path), *BASE, f"out={tmp_path / 'run'}")
+    assert code == 2
+    one_error_line(err, str(tmp_path), "is a folder")
+
+
+def test_a_section_given_a_value_takes_no_keys(tmp_path, capsys):
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", "train=5", "train.epochs=3")
+    assert code == 2
+    one_error_line(err, "'train.epochs=3'", "train was given a value")
 
 
 @pytest.fixture(scope="module")
@@ -510,6 +524,26 @@ def test_resume_of_finished_run_does_nothing(finished, capsys):
     code, err = run_main(capsys, *BASE, f"out={finished}", "train.epochs=1", "--resume")
     assert code == 0 and "already finished; nothing to do" in err
     assert snapshot(finished) == before
+
+
+def test_resume_of_finished_run_with_another_model_is_refused(finished, capsys):
+    before = snapshot(finished)
+    code, err = run_main(capsys, *BASE, f"out={finished}", "train.epochs=1", "model.kwargs={depth: 14, width: 0.25}",
+                         "--resume")
+    assert code == 2
+    one_error_line(err, str(finished), "model.kwargs")
+    assert snapshot(finished) == before
+
+
+def test_resume_with_overwrite_starts_again_from_init_from(finished, capsys, tmp_path):
+    """--overwrite wins over --resume: a finished HydraNet is trained again, and again starts from its baseline."""
+    hydra = [f"out={tmp_path / 'hydra'}", "train.epochs=1", "hydra.enabled=true", "hydra.num_branches=2",
+             "hydra.gate_loss=0", f"hydra.init_from={finished}"]
+    code, err = run_main(capsys, *BASE, *hydra)
+    assert code == 0 and f"stem from {finished}" in err
+    code, err = run_main(capsys, *BASE, *hydra, "--resume", "--overwrite")
+    assert code == 0 and f"stem from {finished}" in err and "nothing to do" not in err
+    assert [r["epoch"] for r in read_metrics(tmp_path / "hydra")] == [1]
 
 
 def test_overwrite_with_bad_model_keeps_the_run(finished, capsys):
@@ -684,3 +718,66 @@ def test_progress_bar_redraws_rarely_into_a_log_file(monkeypatch):
         time.sleep(0.001)
     bar.close()
     assert log.getvalue().count("\r") <= 4
+
+
+def test_resume_takes_the_configs_optimiser_settings_and_refuses_another_optimiser(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, _ = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "train.keep_epochs=[1]")
+    assert code == 0
+    shutil.copy(out / "checkpoints" / "epoch1.pt", out / CHECKPOINT)  # as if killed after epoch 1
+    (out / "summary.json").unlink()
+    seen = []
+    inner = train_mod.train_one_epoch
+
+    def spy(cfg, net, model, hydra, teacher, loader, optimizer, *rest):
+        seen.append(sorted({g["weight_decay"] for g in optimizer.param_groups}))
+        return inner(cfg, net, model, hydra, teacher, loader, optimizer, *rest)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    before = snapshot(out)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.name=adamw", "--resume")
+    assert code == 2
+    one_error_line(err, "optim.name='sgd'", "'adamw'")
+    assert snapshot(out) == before and seen == []
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "optim.weight_decay=0.01", "--resume")
+    assert code == 0, err
+    assert "resuming" in err and seen == [[0.0, 0.01]]  # no decay on biases and norms, the new decay elsewhere
+
+
+def test_a_fresh_start_drops_rows_of_a_run_killed_before_its_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 9.0}) + "\n")
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=1")
+    assert code == 0, err
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["train_loss"] != 9.0
+
+
+def test_resume_with_a_torn_config_is_a_clear_error(finished, capsys, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    (out / "summary.json").unlink()
+    (out / "config.yaml").write_text("")
+    before = snapshot(out)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=1", "--resume")
+    assert code == 2
+    one_error_line(err, "config.yaml", "is empty or not a config", "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_a_schedule_shorter_than_its_warmup_still_decays():
+    cfg = load_config(overrides=["train.epochs=1", "optim.lr=0.2", "optim.warmup_epochs=1"])
+    lrs = [lr_at(cfg, step, 10) for step in range(10)]
+    assert lrs[:5] == pytest.approx([0.2 * (s + 1) / 5 for s in range(5)])  # warm-up: half the run
+    assert lrs[4] == max(lrs) and lrs[-1] < 0.05
+
+
+def test_a_folder_holding_only_its_safetensors_loads(finished, tmp_path):
+    from hydranets.train import load_trained
+    only = tmp_path / "deployed"
+    only.mkdir()
+    shutil.copy(finished / "model.safetensors", only / "model.safetensors")
+    a, _ = load_trained(only)
+    b, _ = load_trained(finished)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

@@ -37,6 +37,10 @@ def cmd_eval(args) -> None:
     from .hydranet import HydraNet
     from .inference import fold_batchnorms
     from .train import load_data, load_trained
+    for flag, value in (("--batch-size", args.batch_size), ("--speed-batch", args.speed_batch),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise HydraError(f"{flag} must be at least 1, got {value}")
     device = pick_device(args.device)
     model, ckpt = load_trained(args.run, device)
     cfg = config_from_dict(ckpt["config"])
@@ -114,8 +118,10 @@ def cmd_partition(args) -> None:
     cfg = config_from_dict(ckpt["config"])
     pc = cfg.partition
     pc.method, pc.overlap, pc.overlap_balanced, pc.seed = args.method, args.overlap, args.overlap_balanced, args.seed
-    out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else Path(args.run).parent.parent) \
-        / partition_filename(pc.method, args.branches, pc.overlap, pc.overlap_balanced, pc.seed)
+    run = Path(args.run)
+    folder = run if run.is_dir() else run.parent.parent if run.parent.name == "checkpoints" else run.parent
+    out = Path(args.out) if args.out else folder / partition_filename(pc.method, args.branches, pc.overlap,
+                                                                      pc.overlap_balanced, pc.seed)
     if out.exists() and not args.overwrite:
         raise HydraError(f"{out} exists; pass --overwrite to replace it or --out elsewhere")
     p = compute_partition(cfg, args.run, out, args.branches)

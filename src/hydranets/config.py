@@ -211,11 +211,18 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise HydraError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise HydraError(f"override {item!r}: {raw!r} is not a YAML value; quote it (key='\"...\"') "
+                             "or fix its brackets") from None
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise HydraError(f"override {item!r}: {'.'.join(parts[:i + 1])} was given a value by an earlier "
+                                 "override and cannot also have keys")
         node[parts[-1]] = value
     return out
 
@@ -235,8 +242,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = dict(base or {})
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise HydraError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise HydraError(f"config file {path} " + ("is a folder; give a .yaml file" if path.is_dir()
+                                                       else "does not exist"))
         try:
             loaded = _yaml().safe_load(path.read_text()) or {}
         except _yaml().YAMLError as e:
@@ -257,4 +265,5 @@ def config_from_dict(data: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(_yaml().safe_dump(cfg.to_dict(), sort_keys=False))
+    from .checkpoint import atomic_write_text
+    atomic_write_text(_yaml().safe_dump(cfg.to_dict(), sort_keys=False), path)

@@ -30,7 +30,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> the local CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HydraError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HydraError(f"train.device is {name!r} but no CUDA device is available; use train.device=auto or cpu")
     if device.type == "cuda" and device.index is None:
@@ -53,6 +56,15 @@ def setup(device: str = "auto") -> Runtime:
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
+
+
+def mean_over_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """The mean of ``x`` over every process (``x`` itself in one process)."""
+    if not rt.distributed:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / rt.world_size
 
 
 def teardown(rt: Runtime) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from .checkpoint import atomic_write_text
 from .config import Config, config_from_dict, save_config
 from .cost import active_params, compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
-from .evaluate import evaluate, resolve_precision
+from .evaluate import evaluate
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
-from .train import kept_checkpoint, load_data, load_trained, train
+from .train import kept_checkpoint, load_data, load_trained, saved_config, train
 
 # Settings that may change between a pipeline run and its resumption.
 _FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats"),
@@ -157,7 +158,10 @@ def save_samples(cfg: Config, path: Path, per_class: int = 6) -> None:
         if len(idx) < per_class:
             imgs = torch.cat([imgs, imgs.new_zeros(per_class - len(idx), *imgs.shape[1:])])
         picks.append(imgs)
-    np.savez_compressed(path, images=torch.stack(picks).numpy())
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        np.savez_compressed(f, images=torch.stack(picks).numpy())
+    os.replace(part, path)
 
 
 def format_table(result: dict) -> str:
@@ -173,12 +177,12 @@ def run_pipeline(cfg: Config) -> dict:
     out = Path(cfg.out)
     check_pipeline_args(cfg)  # bad input fails before anything is trained or written
     check_pipeline_dir(cfg)
-    cfg.train.precision = resolve_precision(cfg.train.precision, _device(cfg))
-    base_cfg, hydra_cfg = stage_configs(cfg)
+    base_cfg, hydra_cfg = stage_configs(cfg)  # train() resolves precision=auto; a resumed run keeps its own
     say = lambda msg: print(f"[pipeline] {msg}", file=sys.stderr)  # noqa: E731
 
     say(f"1/5 baseline {cfg.model.name} -> {base_cfg.out}")
     train(base_cfg, resume=True)
+    cfg.train.precision = saved_config(Path(base_cfg.out)).train.precision  # subtasks and timings as it trained
 
     part_file = out / "partition.json"
     if part_file.exists():

@@ -237,11 +237,14 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _read_samples(path: Path, num_classes: int) -> np.ndarray:
+    """The (classes, n, C, H, W) uint8 sample images; a damaged file is one HydraError naming the cure."""
     try:
         with np.load(path, allow_pickle=False) as z:
             images = z["images"]
-    except (OSError, ValueError, KeyError) as e:
-        raise HydraError(f"cannot read images from {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a cut or damaged .npz raises BadZipFile, EOFError, zlib.error, ...
+        raise HydraError(f"cannot read images from {path} ({type(e).__name__}: {e}); it is damaged or half-written: "
+                         "delete it and eval.json and run `hydranets pipeline` again to rewrite both, or delete "
+                         "only it to report without sample images") from None
     if images.ndim != 5 or images.shape[0] != num_classes or images.shape[2] not in (1, 3) or images.shape[1] < 1:
         raise HydraError(f"{path}: images must have shape ({num_classes}, n, 1 or 3, H, W), "
                          f"got {tuple(images.shape)}")

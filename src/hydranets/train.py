@@ -140,7 +140,7 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
     steps_per_epoch = total / cfg.train.epochs
     step += round(o.schedule_start * steps_per_epoch)
     total = round((o.schedule_epochs or cfg.train.epochs) * steps_per_epoch)
-    warmup = int(o.warmup_epochs * steps_per_epoch)
+    warmup = min(int(o.warmup_epochs * steps_per_epoch), total // 2)  # a schedule shorter than the warm-up still decays
     if step < warmup:
         return o.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -326,8 +326,11 @@ def kept_checkpoint(epoch: int) -> str:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file."""
+    """A run folder or a checkpoint file -> the checkpoint file (a folder holding only its ``model.safetensors``
+    -> that file)."""
     path = Path(path)
+    if path.is_dir() and not (path / CHECKPOINT).exists() and (path / "model.safetensors").exists():
+        return path / "model.safetensors"
     return path / CHECKPOINT if path.is_dir() else path
 
 
@@ -350,7 +353,17 @@ def saved_config(out: Path) -> Config | None:
     if not (out / "config.yaml").exists():
         return None
     import yaml
-    return config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    try:
+        data = yaml.safe_load((out / "config.yaml").read_text())
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise HydraError(f"{out / 'config.yaml'} is empty or not a config; restore it, or start again with --overwrite")
+    return config_from_dict(data)
+
+
+# Where a run's inputs lie: a finished run folder copied or moved elsewhere (with its inputs) is the same run.
+_LOCATIONS = {"root", "partition", "init_from", "teacher"}
 
 
 def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
@@ -362,9 +375,11 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
         old = saved_config(out)
         if old is not None:
             dense = not (old.hydra.enabled or cfg.hydra.enabled)  # a dense run ignores the hydra section
-            for section in ("data", "model") if dense else ("data", "model", "hydra"):
+            for section in ("data", "model", "optim") if dense else ("data", "model", "optim", "hydra"):
                 a, b = getattr(old, section).__dict__, getattr(cfg, section).__dict__
-                diff = [k for k in a if a[k] != b[k]]
+                # the optimiser's state holds for the same optimiser; its settings (lr, decay, ...) may change
+                diff = [k for k in a if a[k] != b[k] and (section != "optim" or k == "name")
+                        and not (finished and k in _LOCATIONS)]
                 if diff:
                     raise HydraError(f"run folder {out} was made with {section}.{diff[0]}={a[diff[0]]!r}, "
                                      f"not {b[diff[0]]!r}; resume with the same config or use another --out")
@@ -459,12 +474,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
 def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) -> dict:
     out, t = Path(cfg.out), cfg.train
+    resume = resume and not overwrite  # --overwrite starts again: nothing of the old run is used
+    # cheap checks first: bad input must not create, or (with --overwrite) delete, a run folder
+    check_run_dir(out, cfg, resume, overwrite)
     if resume and (out / "summary.json").exists():
         if rt.is_main:
             print(f"{out}: already finished; nothing to do", file=sys.stderr)
         return json.loads((out / "summary.json").read_text())
-    # cheap checks first: bad input must not create, or (with --overwrite) delete, a run folder
-    check_run_dir(out, cfg, resume, overwrite)
+    for key, least in (("epochs", 1), ("accum_steps", 1), ("threads", 0)):
+        value = getattr(t, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise HydraError(f"train.{key} must be an integer >= {least}, got {value!r}")
     t.precision = run_precision(out, t.precision, rt.device, resume, say=rt.is_main)
     if t.precision == "fp16" and rt.device.type != "cuda":
         raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -542,13 +562,16 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         ckpt = load_checkpoint(out / CHECKPOINT)
         check_compatible(ckpt["model_info"], info, out / CHECKPOINT)
         load_state(model, ckpt["model"], out / CHECKPOINT)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, setting in zip(optimizer.param_groups, settings):  # this config's settings, the saved state
+            group.update(setting)
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         start_epoch = ckpt["epoch"]
         if rt.is_main:
             print(f"resuming {out} after epoch {start_epoch}", file=sys.stderr)
-    if resume and rt.is_main:
+    if rt.is_main:  # also a fresh start in a folder whose run was killed before its first checkpoint
         truncate_metrics(out, start_epoch)
     if rt.is_main:
         save_config(cfg, out / "config.yaml")
@@ -656,6 +679,7 @@ def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraN
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
+    loss_sum = distributed.mean_over_ranks(loss_sum, rt)  # each process saw its own shard of the batches
     mean_loss = loss_sum.item() / max(steps, 1)
     _check_finite(loss_sum, epoch, steps, cfg)
     return {"train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from ..errors import HydraError
 
@@ -129,27 +129,44 @@ def resize_center_crop(im: Any, shorter: int, size: int) -> Any:
     return im.crop((left, top, left + size, top + size))
 
 
+class EpochSampler(RandomSampler):
+    """A shuffle whose order in epoch ``e`` depends only on ``seed`` and ``e`` once ``set_epoch(e)`` is called.
+
+    It owns its generator, apart from the DataLoader's (which seeds the workers once, when the first
+    iterator is made), so a run resumed in a fresh process shuffles exactly as the continuous run did.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        self.seed = int(seed)
+        super().__init__(data_source, generator=torch.Generator().manual_seed(self.seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + int(epoch))
+
+
 def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image_size: int = 224, workers: int = 4,
                             train: bool | None = None, seed: int = 0, drop_last: bool | None = None,
                             pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader over an image folder yielding (uint8 (B, 3, S, S) images, int64 labels).
 
-    Decoding runs in ``workers`` processes. With ``world_size > 1`` a DistributedSampler shards the
-    data; call ``loader.sampler.set_epoch(epoch)`` each epoch then, as usual.
+    Decoding runs in ``workers`` processes. Training shuffles with an :class:`EpochSampler`, or with a
+    DistributedSampler that shards the data when ``world_size > 1``; call ``loader.sampler.set_epoch(epoch)``
+    each epoch for an order that a resumed run repeats.
     """
     dataset = ImageFolderDataset(root, split, image_size, train)
     shuffle = dataset.train
     drop = dataset.train if drop_last is None else drop_last
     generator = torch.Generator().manual_seed(int(seed))
-    sampler = None
+    sampler: DistributedSampler | EpochSampler | None = None
     if world_size > 1:
         if not 0 <= rank < world_size:
             raise HydraError(f"rank={rank} is invalid for world_size={world_size}; need 0 <= rank < world_size")
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
-                      sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=drop,
-                      generator=generator, persistent_workers=workers > 0)
+    elif shuffle:
+        sampler = EpochSampler(dataset, seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=drop, generator=generator, persistent_workers=workers > 0)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,10 +194,9 @@ class FolderBatches:
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.loader.sampler, DistributedSampler):
+        """Make this epoch's order a function of (seed, epoch) alone, whatever epochs came before."""
+        if isinstance(self.loader.sampler, (DistributedSampler, EpochSampler)):
             self.loader.sampler.set_epoch(epoch)
-        else:
-            self.loader.generator.manual_seed(self.seed + epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
