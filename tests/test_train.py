@@ -781,3 +781,11 @@ def test_a_folder_holding_only_its_safetensors_loads(finished, tmp_path):
     a, _ = load_trained(only)
     b, _ = load_trained(finished)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_nan_loss_stops_within_twenty_steps_without_a_progress_bar(tmp_path, capsys):
+    """Every process checks the loss every 20 steps (together, under torchrun), bar or no bar."""
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", "train.epochs=1", "optim.lr=1e30",
+                         "optim.warmup_epochs=0", "optim.schedule=constant", "data.train_subset=800")
+    assert code == 2
+    one_error_line(err, "loss became", "epoch 1 (by step 20)")

@@ -671,9 +671,10 @@ def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraN
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         seen += y.shape[0]
-        if bar is not None and (i % 20 == 0 or i == steps - 1):
-            bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-            _check_finite(loss_sum, epoch, i, cfg)
+        if i % 20 == 0 or i == steps - 1:  # every process checks the same steps, so all stop together
+            _check_finite(distributed.mean_over_ranks(loss_sum, rt), epoch, i, cfg)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
         if bar is not None:
             bar.update(1)
     if bar is not None:
