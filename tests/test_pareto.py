@@ -47,6 +47,18 @@ def test_saving_along_the_baseline_curve_by_hand():
     assert along[2]["saving"] == compare_families(baseline[:3], hydra)["iso_accuracy_saving"]
 
 
+def test_a_saving_met_by_the_cheapest_hydranet_is_reported_as_a_lower_bound():
+    rows = [{"name": n, "family": f, "k": None, "epochs": 5, "top1": a, "top5": 50.0, "gate_recall": None,
+             "macs": c, "params": 1e5} for n, f, c, a in
+            [("b1", "baseline", 40e6, 30.0), ("b2", "baseline", 80e6, 34.0), ("h1", "hydranet", 20e6, 35.0)]]
+    comp = compare_families([(40e6, 30.0), (80e6, 34.0)], [(20e6, 35.0)])
+    assert comp["iso_accuracy_at_least"] and comp["iso_accuracy_saving"] == pytest.approx(4.0)
+    assert not compare_families([(40.0, 30.0), (80.0, 34.0)], [(20.0, 30.0), (40.0, 36.0)])["iso_accuracy_at_least"]
+    md = markdown_table({"rows": rows, "macs": comp, "dataset": "synthetic", "classes": 10, "device": "cpu",
+                         "precision": "fp32", "torch": "x", "threads": 1})
+    assert "(34.00%): >=4.00x (>=: its cheapest member is already more accurate)" in md
+
+
 def test_compare_families_reports_a_miss():
     r = compare_families([(40.0, 30.0), (80.0, 34.0)], [(20.0, 25.0), (60.0, 31.0)])
     assert r["iso_accuracy_saving"] is None

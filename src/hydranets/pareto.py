@@ -257,6 +257,7 @@ def compare_families(baseline: list[tuple[float, float]], hydra: list[tuple[floa
     return {"baseline_best_top1": best_acc, "baseline_best_cost": best_cost,
             "hydra_cost_at_that_top1": h_cost_at,
             "iso_accuracy_saving": best_cost / h_cost_at if h_cost_at else None,
+            "iso_accuracy_at_least": h_cost_at is not None and best_acc < h_acc[0],  # cheapest HydraNet above it
             "equal_cost_gain_mean": float(np.mean(gains)) if gains else None,
             "equal_cost_gain_max": float(np.max(gains)) if gains else None,
             "shared_cost_range": [lo, hi] if lo <= hi else None,
@@ -642,6 +643,10 @@ def _fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
+def _at_least(comparison: dict) -> str:
+    return ">=" if comparison.get("iso_accuracy_at_least") else ""
+
+
 def _times(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
@@ -764,8 +769,9 @@ def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "th
     """The report lines of one comparison; with ``test_images``, also the saving where the reference curve levels off."""
     m = comp["macs"]
     lines = [f"- Iso-accuracy saving in MACs at {against}'s best top-1 ({m['baseline_best_top1']:.2f}%): "
-             f"{_times(m['iso_accuracy_saving'])}" + ("" if m["iso_accuracy_saving"] else
-                                                          f" ({hydra} does not reach it)"),
+             f"{_at_least(m)}{_times(m['iso_accuracy_saving'])}" + (
+                 f" ({hydra} does not reach it)" if not m["iso_accuracy_saving"] else
+                 " (>=: its cheapest member is already more accurate)" if _at_least(m) else ""),
              f"- Equal-cost top-1 gain over the shared MACs range: mean {_fmt(m['equal_cost_gain_mean'], '+.2f')}, "
              f"max {_fmt(m['equal_cost_gain_max'], '+.2f')} points"]
     along = m.get("saving_along_baseline", [])
@@ -775,7 +781,7 @@ def _comparison_lines(comp: dict, bss: list[str], against: str, hydra: str = "th
             + (" (>=: the cheapest HydraNet is already more accurate)" if any(p["at_least"] for p in along) else ""))
     for b in (b for b in bss if f"time_b{b}" in comp):
         t = comp[f"time_b{b}"]
-        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_times(t['iso_accuracy_saving'])}, "
+        lines.append(f"- Measured time at batch {b}: iso-accuracy saving {_at_least(t)}{_times(t['iso_accuracy_saving'])}, "
                      f"equal-time gain mean {_fmt(t['equal_cost_gain_mean'], '+.2f')} points")
     if test_images:
         lines += _level_off_line(comp, bss, test_images)
