@@ -117,6 +117,9 @@ def test_active_params():
     per_branch = count_params(model.branches[0])
     assert active_params(model, 1) == count_params(model) - 3 * per_branch
     assert active_params(model, 4) == count_params(model)
+    for k in (0, 5):
+        with pytest.raises(HydraError, match="topk must be an integer from 1 to the number of branches"):
+            active_params(model, k)
 
 
 def test_partition_gives_gate_targets():

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import HydraError
-from .hydranet import HydraNet
+from .hydranet import HydraNet, _check_topk
 from .inference import fold_batchnorms
 
 
@@ -63,7 +63,7 @@ def active_params(model: nn.Module, k: int | None = None) -> int:
     """Parameters used per image: for a HydraNet, stem + gate + k branches + classifier."""
     if not isinstance(model, HydraNet):
         return count_params(model)
-    k = model.topk if k is None else k
+    k = model.topk if k is None else _check_topk(k, model.num_branches)
     in_branches = {id(p) for p in model.branches.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in in_branches)
     ran = {id(p): p.numel() for branch in model.branches[:k] for p in branch.parameters()}  # once if shared
