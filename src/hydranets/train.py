@@ -571,9 +571,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         start_epoch = ckpt["epoch"]
         if rt.is_main:
             print(f"resuming {out} after epoch {start_epoch}", file=sys.stderr)
-    if rt.is_main:  # also a fresh start in a folder whose run was killed before its first checkpoint
-        truncate_metrics(out, start_epoch)
     if rt.is_main:
+        truncate_metrics(out, start_epoch)  # also for a fresh start where a run was killed before its first checkpoint
         save_config(cfg, out / "config.yaml")
 
     net = model
