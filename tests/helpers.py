@@ -69,3 +69,16 @@ def train_pair(root: Path, overrides: list[str], subsets: list[list[int]], class
     finally:
         torch.set_num_threads(n)
     return {"baseline": root / "baseline", "hydranet": root / "hydranet"}
+
+
+SUBSETS = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def tiny_hydra_and_control():
+    """An untrained B=3 HydraNet on SUBSETS, a dense control, two test batches of 60 random 16x16 images, x, y."""
+    from hydranets import build_hydranet, create_model
+    torch.manual_seed(0)
+    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=SUBSETS).eval()
+    control = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5).eval()
+    x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 10
+    return hydra, control, [(x[:32], y[:32]), (x[32:], y[32:])], x, y

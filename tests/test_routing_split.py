@@ -2,25 +2,15 @@
 import pytest
 import torch
 
-from hydranets import build_hydranet, create_model
+from hydranets import build_hydranet
 from hydranets.evaluate import evaluate
-from helpers import load_benchmark
+from helpers import SUBSETS, load_benchmark, tiny_hydra_and_control
 
 routing_split = load_benchmark("routing_split")
 
-SUBSETS = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-
-
-def _models():
-    torch.manual_seed(0)
-    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=SUBSETS).eval()
-    control = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5).eval()
-    x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 10
-    return hydra, control, [(x[:32], y[:32]), (x[32:], y[32:])], x, y
-
 
 def test_split_groups_images_by_their_route_and_recombines_into_the_overall_figures():
-    hydra, control, batches, x, y = _models()
+    hydra, control, batches, x, y = tiny_hydra_and_control()
     split = routing_split.routing_split(hydra, batches, control=control)
     with torch.no_grad():
         route = hydra(x, return_gate=True).route[:, 0]
@@ -45,7 +35,7 @@ def test_split_groups_images_by_their_route_and_recombines_into_the_overall_figu
 
 def test_design_tells_overlapping_subtasks_apart():
     from hydranets.partition import Partition
-    hydra, *_ = _models()
+    hydra, *_ = tiny_hydra_and_control()
     subsets = [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9, 0]]
     wide = Partition(subsets, 10, overlap=True)
     even = Partition(subsets, 10, overlap=True, meta={"overlap_balanced": True})

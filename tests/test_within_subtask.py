@@ -2,21 +2,14 @@
 import pytest
 import torch
 
-from hydranets import build_hydranet, create_model
 from hydranets.evaluate import evaluate
-from helpers import load_benchmark
+from helpers import SUBSETS, load_benchmark, tiny_hydra_and_control
 
 within_subtask = load_benchmark("within_subtask")
 
-SUBSETS = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-
 
 def test_top1_within_the_true_subtask_by_hand():
-    torch.manual_seed(0)
-    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.5, partition=SUBSETS).eval()
-    control = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5).eval()
-    x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 10
-    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    hydra, control, batches, x, y = tiny_hydra_and_control()
     r = within_subtask.within_subtask(hydra, control, batches)
     assert r["count"] == 60
     assert r["true_route_top1"] == pytest.approx(evaluate(hydra, batches, true_route=True)["true_route_top1"])

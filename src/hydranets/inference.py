@@ -86,7 +86,6 @@ def predict(model: nn.Module, images: torch.Tensor, top: int | None = None,
     ``gate_scores`` (the gate's sigmoid score of each).
     """
     from .data import BatchLoader, ImageDataset
-    from .hydranet import HydraNet
     spec: InputSpec | None = getattr(model, "input_spec", None)
     if spec is None:
         raise HydraError("predict needs a model from hydranets.load_model (it carries the class names and "
