@@ -740,3 +740,28 @@ def test_folder_batches_epoch_order_survives_a_resume_with_workers(tmp_path):
     resumed = orders([2])
     assert len(set(continuous[2])) == 16 and len({tuple(o) for o in continuous}) == 3
     assert resumed[0] == continuous[2]
+
+
+def test_folder_batches_crops_survive_a_resume_and_any_worker_count(tmp_path):
+    from hydranets.data.imagefolder import FolderBatches
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        d = tmp_path / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+    def epochs(which: list[int], workers: int) -> list[torch.Tensor]:
+        fb = FolderBatches(tmp_path, "train", 4, train=True, image_size=8, workers=workers, seed=5, channels_last=False)
+        out = []
+        for e in which:
+            fb.set_epoch(e)
+            out.append(torch.cat([x for x, _ in fb]))
+        return out
+
+    continuous = epochs([0, 1, 2], workers=1)
+    assert not torch.equal(continuous[1], continuous[2])
+    assert torch.equal(epochs([2], workers=1)[0], continuous[2])
+    assert torch.equal(epochs([2], workers=2)[0], continuous[2])
+    assert torch.equal(epochs([1], workers=0)[0], continuous[1])

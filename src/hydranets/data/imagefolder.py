@@ -32,13 +32,17 @@ class ImageFolderDataset(Dataset):
 
     Training items get a random-resized crop (scale 0.08-1, aspect 3/4-4/3) to ``image_size`` and a
     random horizontal flip; test items are resized so the shorter side is ``image_size * 256/224`` and
-    centre-cropped. Items are ``(uint8 (3, image_size, image_size) tensor, label)``. Randomness comes
-    from torch's generator, which DataLoader seeds per worker.
+    centre-cropped. Items are ``(uint8 (3, image_size, image_size) tensor, label)``. An item's crop and
+    flip are a function of ``(seed, epoch, index)`` alone, so a resumed run, or one with another number
+    of workers, augments every image as the continuous run did.
     """
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 224, train: bool | None = None,
-                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 seed: int = 0) -> None:
         self.root = Path(root).expanduser()
+        self.seed = int(seed)
+        self.epoch = 0
         self.split = split
         folder = self.root / split
         if not folder.is_dir():
@@ -79,21 +83,25 @@ class ImageFolderDataset(Dataset):
         except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the file
             raise HydraError(f"cannot decode image {path}: {type(e).__name__}: {e}; "
                              "replace or delete the file") from None
-        out = self._train_crop(im) if self.train else self._test_crop(im)
+        out = self._train_crop(im, self._item_generator(i)) if self.train else self._test_crop(im)
         return torch.from_numpy(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()), label
 
-    def _train_crop(self, im: Any) -> Any:
+    def _item_generator(self, i: int) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+    def _train_crop(self, im: Any, g: torch.Generator) -> Any:
         w, h = im.size
         area = w * h
         box = None
         for _ in range(10):
-            target = area * float(torch.empty(1).uniform_(*self.scale))
-            aspect = math.exp(float(torch.empty(1).uniform_(*self.log_ratio)))
+            target = area * float(torch.empty(1).uniform_(*self.scale, generator=g))
+            aspect = math.exp(float(torch.empty(1).uniform_(*self.log_ratio, generator=g)))
             cw = round(math.sqrt(target * aspect))
             ch = round(math.sqrt(target / aspect))
             if 0 < cw <= w and 0 < ch <= h:
-                top = int(torch.randint(0, h - ch + 1, (1,)))
-                left = int(torch.randint(0, w - cw + 1, (1,)))
+                top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+                left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
                 box = (left, top, left + cw, top + ch)
                 break
         if box is None:
@@ -108,7 +116,7 @@ class ImageFolderDataset(Dataset):
             box = (left, top, left + cw, top + ch)
         image = _pil()
         out = im.resize((self.image_size, self.image_size), image.Resampling.BILINEAR, box=box)
-        if bool(torch.randint(0, 2, (1,))):
+        if bool(torch.randint(0, 2, (1,), generator=g)):
             out = out.transpose(image.Transpose.FLIP_LEFT_RIGHT)
         return out
 
@@ -149,11 +157,12 @@ def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image
                             pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader over an image folder yielding (uint8 (B, 3, S, S) images, int64 labels).
 
-    Decoding runs in ``workers`` processes. Training shuffles with an :class:`EpochSampler`, or with a
-    DistributedSampler that shards the data when ``world_size > 1``; call ``loader.sampler.set_epoch(epoch)``
-    each epoch for an order that a resumed run repeats.
+    Decoding runs in ``workers`` processes, started for each epoch so that they see the data set's epoch.
+    Training shuffles with an :class:`EpochSampler`, or with a DistributedSampler that shards the data
+    when ``world_size > 1``; call ``loader.sampler.set_epoch(epoch)`` and set ``loader.dataset.epoch`` each
+    epoch (:meth:`FolderBatches.set_epoch` does both) for an order and crops that a resumed run repeats.
     """
-    dataset = ImageFolderDataset(root, split, image_size, train)
+    dataset = ImageFolderDataset(root, split, image_size, train, seed=seed)
     shuffle = dataset.train
     drop = dataset.train if drop_last is None else drop_last
     generator = torch.Generator().manual_seed(int(seed))
@@ -166,7 +175,7 @@ def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image
     elif shuffle:
         sampler = EpochSampler(dataset, seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=drop, generator=generator, persistent_workers=workers > 0)
+                      drop_last=drop, generator=generator)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,7 +186,7 @@ class FolderBatches:
     """An image folder as normalised float batches on ``device``: the interface of :class:`BatchLoader`.
 
     Decoding and random-resized-crop run in worker processes; normalisation runs on the device.
-    ``set_epoch`` reseeds the shuffle, so the order of a resumed run matches.
+    ``set_epoch`` reseeds the shuffle and the crops, so a resumed run sees the same batches.
     """
 
     def __init__(self, root: str | Path, split: str, batch_size: int, train: bool, image_size: int = 224,
@@ -194,7 +203,8 @@ class FolderBatches:
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def set_epoch(self, epoch: int) -> None:
-        """Make this epoch's order a function of (seed, epoch) alone, whatever epochs came before."""
+        """Make this epoch's order and crops a function of (seed, epoch) alone, whatever epochs came before."""
+        self.loader.dataset.epoch = int(epoch)
         if isinstance(self.loader.sampler, (DistributedSampler, EpochSampler)):
             self.loader.sampler.set_epoch(epoch)
 
