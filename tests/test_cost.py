@@ -1,0 +1,52 @@
+"""Counted and timed cost: MACs and throughput of models in other dtypes, the models left as they were."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hydranets import build_hydranet, create_model
+from hydranets.cost import compare_speed, model_macs
+
+
+def _by_hand(model: nn.Module, x: torch.Tensor) -> float:
+    """Multiply-adds per image of every Conv2d and Linear call, from forward hooks."""
+    total = []
+
+    def conv(m, inputs, out):
+        total.append(out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else
+                                     lambda m, inputs, out: total.append(out.numel() * m.in_features))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sum(total) / len(x)
+
+
+def test_model_macs_of_a_bf16_or_fp16_model():
+    torch.manual_seed(0)
+    dense = create_model("resnet_cifar", num_classes=10, depth=8, width=0.25).eval()
+    expected = _by_hand(dense, torch.randn(2, 3, 8, 8))
+    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=2, depth=8, width=0.25).eval()
+    expected_hydra = model_macs(hydra, (3, 8, 8), batch_size=2)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert model_macs(dense.to(dtype), (3, 8, 8), batch_size=2) == expected
+    assert model_macs(hydra.to(torch.bfloat16), (3, 8, 8), batch_size=2) == expected_hydra
+
+
+def test_compare_speed_times_a_bf16_model():
+    model = create_model("resnet_cifar", num_classes=10, depth=8, width=0.25).to(torch.bfloat16)
+    speed = compare_speed({"bf16": (model, {})}, (3, 8, 8), 2, repeats=1, warmup=0, min_time=0)
+    assert speed["bf16"]["images_per_s"] > 0
+
+
+def test_compare_speed_leaves_each_model_in_its_mode():
+    torch.manual_seed(0)
+    dense = create_model("resnet_cifar", num_classes=10, depth=8, width=0.25).eval()
+    hydra = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.25).train()
+    speed = compare_speed({"dense": (dense, {}), "hydra": (hydra, {}), "hydra k=2": (hydra, {"topk": 2})},
+                          (3, 8, 8), 2, repeats=1, warmup=0, min_time=0)
+    assert all(s["images_per_s"] > 0 for s in speed.values())
+    assert all(m.training for m in hydra.modules()) and not any(m.training for m in dense.modules())
