@@ -13,4 +13,5 @@ from pathlib import Path
 from hydranets.cli import main
 
 if __name__ == "__main__":
-    main(["bench", "pareto", "--results", str(Path(__file__).parent / "results"), *sys.argv[1:]])
+    given = any(a in ("--smoke", "--results") or a.startswith("--results=") for a in sys.argv[1:])
+    main(["bench", "pareto", *([] if given else ["--results", str(Path(__file__).parent / "results")]), *sys.argv[1:]])

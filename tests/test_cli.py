@@ -247,3 +247,110 @@ def test_bench_pareto_bad_input_is_one_line(capsys, tmp_path):
     one_error_line(err, "--only needs at least one entry name of the protocol (key=value words are overrides)")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "pareto", "--config", "x", "--eval-only", "--train-only"])
+
+
+# ---------------------------------------------------------------- output paths
+def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
+    """A --json or --out that cannot be written stops at once with one error line (it was a traceback after the whole
+    evaluation); the run is not even read."""
+    (tmp_path / "file").write_text("")
+    missing_run = str(tmp_path / "no-run")
+    cases = [("eval", missing_run, "--json", str(tmp_path)), ("predict", missing_run, "x.png", "--json", str(tmp_path)),
+             ("predict", missing_run, "x.png", "--json", str(tmp_path / "file" / "p.json")),
+             ("partition", missing_run, "-B", "2", "--out", str(tmp_path / "file" / "sub" / "p.json"))]
+    for argv in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2
+        line = one_error_line(err, "--json" if "--json" in argv else "--out")
+        assert "folder" in line and "no-run" not in line
+    assert not (tmp_path / "file" / "sub").exists()
+
+
+def test_bench_results_that_is_a_file_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    import hydranets.pareto as pareto_mod
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pareto_mod, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --results"))
+    (tmp_path / "p.yaml").write_text(f"protocol: x\nout: {tmp_path / 'runs'}\nbase: {{}}\npartition_from: a\n"
+                                     "baselines: [{name: a}]\nhydranets: [{name: h}]\n")
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, "bench", "pareto", "--config", str(tmp_path / "p.yaml"), "--results",
+                       str(tmp_path / "file"))
+    assert code == 2
+    one_error_line(err, f"--results {tmp_path / 'file'} is a file")
+
+
+def test_predict_json_into_a_new_folder(runs, capsys, tmp_path):
+    from PIL import Image
+    import numpy as np
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    dest = tmp_path / "new" / "sub" / "p.json"
+    code, out, err = run(capsys, "predict", str(runs["hydranet"]), str(tmp_path / "grey.png"), "--json", str(dest),
+                         "--device", "cpu", "--top", "2")
+    assert code == 0, err
+    (row,) = json.loads(dest.read_text())
+    assert row["image"] == str(tmp_path / "grey.png") and len(row["classes"]) == 2
+    assert f"{tmp_path / 'grey.png'}: {row['classes'][0]}" in out
+
+
+def test_bench_results_folder_default_smoke_and_given(capsys, tmp_path, monkeypatch):
+    """--results is where <protocol>.json goes, with --smoke too; without it, benchmarks/results, or the smoke
+    folder's results/ with --smoke. The benchmarks/pareto.py wrapper never sends a smoke run into its results."""
+    import runpy
+
+    import hydranets.cli as cli_mod
+    import hydranets.pareto as pareto_mod
+    monkeypatch.chdir(tmp_path)
+    written = []
+    monkeypatch.setattr(pareto_mod, "run_protocol", lambda proto, **k: {"protocol": proto["protocol"], "rows": []})
+    monkeypatch.setattr(pareto_mod, "check_results_kept", lambda *a: None)
+
+    def fake_write(result, folder):
+        written.append((result["protocol"], Path(folder)))
+        (tmp_path / "t.md").write_text("table")
+        return tmp_path / "t.json", tmp_path / "t.png", tmp_path / "t.md"
+    monkeypatch.setattr(pareto_mod, "write_results", fake_write)
+    (tmp_path / "p.yaml").write_text(f"protocol: x\nout: {tmp_path / 'runs'}\nbase: {{}}\npartition_from: a\n"
+                                     "baselines: [{name: a}]\nhydranets: [{name: h}]\n")
+    base = ["bench", "pareto", "--config", str(tmp_path / "p.yaml")]
+    for extra in ([], ["--smoke"], ["--smoke", "--results", str(tmp_path / "mine")]):
+        assert run(capsys, *base, *extra)[0] == 0
+    assert written == [("x", Path("benchmarks/results")), ("x-smoke", tmp_path / "runs-smoke" / "results"),
+                       ("x-smoke", tmp_path / "mine")]
+    wrapper = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py"
+    calls = []
+    monkeypatch.setattr(cli_mod, "main", lambda argv: calls.append(argv))
+    for extra in ([], ["--smoke"], ["--results=elsewhere"]):
+        monkeypatch.setattr(sys, "argv", [str(wrapper), "--config", "p.yaml", *extra])
+        runpy.run_path(str(wrapper), run_name="__main__")
+    assert [c.count("--results") + sum(a.startswith("--results=") for a in c) for c in calls] == [1, 0, 1]
+    assert calls[0][2:4] == ["--results", str(wrapper.parent / "results")]
+
+
+def test_eval_times_the_model_as_it_trained(runs, capsys, tmp_path, monkeypatch):
+    """eval times each model in its run's memory format and autocast precision (the inputs were channels_last and
+    the weights not; fp16 ran without autocast)."""
+    import shutil
+
+    import torch
+
+    import hydranets.cost as cost_mod
+    from hydranets.train import CHECKPOINT
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        run_dir = tmp_path / precision
+        shutil.copytree(runs["baseline"], run_dir)
+        ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True)
+        ckpt["config"]["train"].update(channels_last=True, precision=precision)
+        torch.save(ckpt, run_dir / CHECKPOINT)
+        seen = []
+
+        def fake_speed(candidates, size, batch_size, **kw):
+            convs = {n: next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d)) for n, (m, _) in candidates.items()}
+            seen.append((kw["autocast"], kw["channels_last"],
+                         {n: c.weight.is_contiguous(memory_format=torch.channels_last) for n, c in convs.items()}))
+            return {n: {"images_per_s": 1.0} for n in candidates}
+        monkeypatch.setattr(cost_mod, "compare_speed", fake_speed)
+        monkeypatch.setattr(cost_mod, "model_macs", lambda *a, **k: 1.0)
+        monkeypatch.setattr("hydranets.evaluate.evaluate", lambda *a, **k: {"top1": 1.0, "top5": 1.0})
+        code, _, err = run(capsys, "eval", str(run_dir), *SPEED)
+        assert code == 0, err
+        assert seen == [(dtype, True, {"None": True, "None folded": True})]

@@ -116,3 +116,41 @@ def test_training_moved_the_parameters(runs, tmp_path):
     one = torch.load(runs["single"][1] / "rank0.pt", weights_only=True)
     diff = max((one["params"][k] - v.detach()).abs().max().item() for k, v in init.named_parameters())
     assert diff > 1e-2
+
+
+def test_teardown_leaves_a_callers_own_process_group(monkeypatch):
+    """A caller that made its own process group before train() keeps it after train()'s teardown."""
+    import torch.distributed as dist
+
+    from hydranets import distributed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("WORLD_SIZE", "1"), ("RANK", "0")):
+        monkeypatch.setenv(key, value)
+    try:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun would say; the group above stands in for its ranks
+        rt = distributed.setup("cpu")
+        assert rt.distributed and not rt.owns_group
+        distributed.teardown(rt)
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rank,order", [(0, ["load", "barrier"]), (1, ["barrier", "load"])])
+def test_data_is_loaded_by_the_main_process_first(monkeypatch, rank, order):
+    """Under torchrun, rank 0 downloads, extracts and caches the data while the others wait at a barrier."""
+    import torch.distributed as dist
+
+    from hydranets import distributed
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    rt = distributed.Runtime(rank, 2, rank, torch.device("cpu"))
+    assert distributed.main_first(rt, lambda: calls.append("load") or 7) == 7
+    assert calls == order
+    calls.clear()
+    assert distributed.main_first(distributed.Runtime(0, 1, 0, torch.device("cpu")), lambda: calls.append("load")) is None
+    assert calls == ["load"]

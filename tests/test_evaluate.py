@@ -77,3 +77,46 @@ def test_auto_precision_is_resolved_for_the_device_not_run_in_fp32():
         autocast_for(cpu, "auto")
     with pytest.raises(ValueError, match="not one of"):
         autocast_for(cpu, "fp64")
+
+
+def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch):
+    """A GPU before compute capability 8.0 (T4, V100) only emulates bf16, slowly: auto is fp32 there."""
+    from hydranets.evaluate import resolve_precision
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return caps
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for caps, expected in (((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        assert resolve_precision("auto", torch.device("cuda:1")) == expected, caps
+    assert asked == [torch.device("cuda:1")] * 4
+    assert resolve_precision("fp16", torch.device("cuda:1")) == "fp16"
+
+
+def test_evaluate_that_fails_leaves_the_model_in_training_mode():
+    from hydranets import build_hydranet
+    from hydranets.errors import HydraError
+    from hydranets.evaluate import evaluate
+    torch.manual_seed(0)
+    model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=1, depth=8, width=0.25).train()
+    with pytest.raises(HydraError, match="topk must be"):
+        evaluate(model, [(torch.randn(4, 3, 8, 8), torch.arange(4))], topk=4)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("flags", [{}, {"true_route": True, "shuffled_branches": True}, {"collect_probs": True}])
+def test_evaluate_of_no_images_is_one_error(flags):
+    from hydranets import build_hydranet, create_model
+    from hydranets.errors import HydraError
+    from hydranets.evaluate import evaluate
+    from hydranets.partition import partition_random
+    torch.manual_seed(0)
+    hydra = build_hydranet("resnet_cifar", 10, num_branches=2, topk=1, depth=8, width=0.25,
+                           partition=partition_random(10, 2))
+    for model in (create_model("resnet_cifar", num_classes=10, depth=8, width=0.25), hydra):
+        with pytest.raises(HydraError, match="nothing to evaluate"):
+            evaluate(model, [], **flags)

@@ -104,3 +104,32 @@ def test_compare_speed_times_each_model_folded_once(monkeypatch):
     folds.clear()
     cost.compare_speed({"a": (model, {})}, (3, 16, 16), 4, repeats=1)
     assert folds == []  # as trained unless asked
+
+
+def test_folded_hydranet_with_shared_branch_weights_keeps_its_outputs_when_moved():
+    torch.manual_seed(0)
+    model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=2, depth=8, width=0.5, share_branch_weights=True)
+    model = _trained_looking(model, seed=1)
+    folded, _ = fold_batchnorms(model)
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        # a move re-ties shared branches; the folded convolutions each hold their own branch's batch norm
+        moved = folded.to(memory_format=torch.channels_last)
+        assert torch.allclose(moved(x), want, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(folded.double()(x.double()).float(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_pairs_with_forward_hooks_are_not_folded():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    spectral = _trained_looking(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(4, 6, 3)), nn.BatchNorm2d(6)))
+    hooked = _trained_looking(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5)))
+    hooked[0].register_forward_hook(lambda m, inputs, out: 2 * out)  # on the conv's output, before its batch norm
+    seen = []
+    hooked[3].register_forward_hook(lambda m, inputs, out: seen.append(out))  # the batch norm's output
+    for model, pairs in ((spectral, 0), (hooked, 0)):
+        folded, count = fold_batchnorms(model)
+        with torch.no_grad():
+            assert count == pairs and torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(seen) == 2  # the batch norm's hook ran in the folded copy too

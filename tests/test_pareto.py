@@ -730,3 +730,111 @@ def test_repeats_added_to_saved_results_without_the_other_runs(tmp_path, capsys)
     code, _, err = run_cli(capsys, "bench", "pareto", "--config", str(config), "--results", str(orphan),
                            "--add-repeats")
     assert code == 2 and "repeat 'b1-s1' repeats 'b1', which" in one_error_line(err, "--eval-only")
+
+
+def protocol_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+VALID = "protocol: x\nbase: {}\npartition_from: a\nbaselines: [{name: a}]\nhydranets: [{name: h}]\n"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("protocol: x\n  bad: [\n", "is not valid YAML"),
+    ("", "must hold a mapping (protocol, base, baselines, ...), got NoneType"),
+    ("- a\n- b\n", "must hold a mapping (protocol, base, baselines, ...), got list"),
+    (VALID.replace("base: {}", "base: null"), "base must be a mapping of config sections, got None"),
+    (VALID.replace("[{name: a}]", "[a]"), "baselines must be a list of entries, each a mapping with a name"),
+    (VALID + "checks: {name: c}\n", "checks must be a list of entries"),
+    (VALID + "speed_batches: 256\n", "speed_batches must be a list of batch sizes >= 1, e.g. [256, 1], got 256"),
+    (VALID + "speed_batches: [256, 0]\n", "speed_batches must be a list of batch sizes >= 1"),
+    (VALID + "speed_repeats: 0\n", "speed_repeats must be a whole number >= 1, got 0"),
+])
+def test_malformed_protocol_is_one_error_line(tmp_path, capsys, monkeypatch, text, words):
+    """A protocol file of the wrong shape stops with one error line, not a traceback (speed_batches and speed_repeats
+    before hours of training, not at the evaluation after it)."""
+    import hydranets.pareto as pareto_mod
+    from helpers import one_error_line, run_cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pareto_mod, "run_protocol", lambda *a, **k: pytest.fail("trained despite a bad protocol"))
+    code, _, err = run_cli(capsys, "bench", "pareto", "--config", str(protocol_file(tmp_path, text)))
+    assert code == 2
+    one_error_line(err, words)
+
+
+def test_protocol_folder_is_one_error_line(tmp_path, capsys):
+    from helpers import one_error_line, run_cli
+    (tmp_path / "p.yaml").mkdir()
+    code, _, err = run_cli(capsys, "bench", "pareto", "--config", str(tmp_path / "p.yaml"))
+    assert code == 2
+    one_error_line(err, "is a folder")
+
+
+def test_empty_optional_lists_are_none(tmp_path):
+    proto = load_protocol(protocol_file(tmp_path, VALID + "checks:\nablations:\n"))
+    assert [e["name"] for e in all_entries(proto)] == ["a", "h"]
+
+
+def test_num_subsets_is_not_a_protocol_key(tmp_path):
+    """It was accepted and never read: B is each HydraNet's hydra.num_branches."""
+    with pytest.raises(HydraError, match="unknown key 'num_subsets'"):
+        load_protocol(protocol_file(tmp_path, VALID + "num_subsets: 4\n"))
+
+
+def test_out_override_of_the_base_is_refused(tmp_path):
+    """Each entry trains in <protocol out>/<name>: an ``out=`` override (or an entry's out) was silently ignored."""
+    path = protocol_file(tmp_path, VALID + f"out: {tmp_path / 'runs'}\n")
+    assert model_config(load_protocol(path), {"name": "a"}).out == str(tmp_path / "runs" / "a")
+    with pytest.raises(HydraError, match="out is not a setting of the shared base config"):
+        load_protocol(path, [f"out={tmp_path / 'mine'}"])
+    with pytest.raises(HydraError, match="entry 'a' sets out"):
+        load_protocol(protocol_file(tmp_path, VALID.replace("{name: a}", "{name: a, out: elsewhere}")))
+
+
+@pytest.mark.parametrize("extra", ["baselines: [{name: a}, {name: a, train: {seed: 3}}]\n",
+                                   "repeats: [{name: a, repeat_of: a, train: {seed: 1}}]\n",
+                                   "checks: [{name: h}]\n"])
+def test_two_entries_of_one_name_are_refused(tmp_path, extra):
+    """Two entries of one name would share one run folder: the second resumed the first's finished run and its
+    top-1 counted twice (e.g. as a seed repeat)."""
+    text = VALID.replace("baselines: [{name: a}]\n", "") if extra.startswith("baselines") else VALID
+    with pytest.raises(HydraError, match="two entries are named '(a|h)'; each entry trains in its own run folder"):
+        load_protocol(protocol_file(tmp_path, text + extra))
+
+
+def test_compare_families_against_a_hand_computation():
+    """Iso-accuracy saving, lower bounds, misses and the equal-cost gain on made-up curves with dominated points,
+    ties in cost and in top-1, computed by hand."""
+    # baseline frontier (1, 30) (2, 40) (4, 50): (3, 35) is dominated, (2, 38) loses the tie at cost 2,
+    # (5, 50) ties (4, 50) in top-1 at a higher cost
+    baseline = [(4, 50), (3, 35), (2, 38), (1, 30), (2, 40), (5, 50)]
+    # HydraNet frontier (1.5, 35) (3, 45) (6, 55): (2, 34) is dominated
+    hydra = [(6, 55), (2, 34), (1.5, 35), (3, 45)]
+    r = compare_families(baseline, hydra)
+    # best baseline 50 at cost 4; the HydraNets reach 50 halfway from (3, 45) to (6, 55): 3 + 3 * 5/10 = 4.5
+    assert (r["baseline_best_top1"], r["baseline_best_cost"]) == (50, 4)
+    assert r["hydra_cost_at_that_top1"] == pytest.approx(4.5)
+    assert r["iso_accuracy_saving"] == pytest.approx(4 / 4.5) and not r["iso_accuracy_at_least"]
+    # along the dense curve: 30 is below the cheapest HydraNet (1.5 at >= 35): >= 1/1.5; 40 at 1.5 + 1.5 * 5/10 = 2.25
+    along = [(p["top1"], p["cost"], p["hydra_cost"], p["at_least"]) for p in r["saving_along_baseline"]]
+    assert along == [(30, 1, 1.5, True), (40, 2, pytest.approx(2.25), False), (50, 4, pytest.approx(4.5), False)]
+    # equal cost over [1.5, 4]: 25 evenly spaced costs, each HydraNet top-1 minus the baseline's, both interpolated
+    def acc(curve, c):
+        for (c0, a0), (c1, a1) in zip(curve, curve[1:]):
+            if c0 <= c <= c1:
+                return a0 + (a1 - a0) * (c - c0) / (c1 - c0)
+    gains = [acc([(1.5, 35), (3, 45), (6, 55)], c) - acc([(1, 30), (2, 40), (4, 50)], c)
+             for c in (1.5 + 2.5 * i / 24 for i in range(25))]
+    assert r["shared_cost_range"] == [1.5, 4]
+    assert r["equal_cost_gain_mean"] == pytest.approx(sum(gains) / 25)
+    assert r["equal_cost_gain_max"] == pytest.approx(max(gains))
+    # a HydraNet family that never reaches the best baseline, and one entirely outside the baselines' cost range
+    miss = compare_families(baseline, [(1, 20), (10, 45)])
+    assert miss["iso_accuracy_saving"] is None and miss["hydra_cost_at_that_top1"] is None
+    assert [p["hydra_cost"] for p in miss["saving_along_baseline"]] == [pytest.approx(1 + 9 * 10 / 25),
+                                                                        pytest.approx(1 + 9 * 20 / 25), None]
+    apart = compare_families(baseline, [(8, 60), (9, 61)])
+    assert apart["shared_cost_range"] is None and apart["equal_cost_gain_mean"] is None
+    assert apart["iso_accuracy_saving"] == pytest.approx(4 / 8) and apart["iso_accuracy_at_least"]

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,61 @@ def test_format_partition():
     assert lines[2].split() == ["0", "2", "cat,", "lynx"]
     assert lines[3].split() == ["1", "1", "dog"]
     assert "0, 1" in format_partition(Partition([[0, 1]], 2)).splitlines()[2]
+
+
+def test_failed_save_keeps_the_saved_partition(tmp_path):
+    """A write that fails part-way (here: the file-size limit, as a full disk would) leaves the old file whole."""
+    resource = pytest.importorskip("resource")
+    import signal
+    path = tmp_path / "partition.json"
+    saved = partition_random(200, 4, seed=1)
+    saved.save(path)
+    before = path.read_text()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(HydraError, match="cannot write partition file"):
+            partition_random(200, 5, seed=2).save(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_text() == before
+    assert Partition.load(path).subsets == saved.subsets
+    assert [p.name for p in tmp_path.iterdir()] == ["partition.json"]
+
+
+def test_save_into_a_new_folder(tmp_path):
+    p = partition_random(6, 2)
+    p.save(tmp_path / "new" / "partition.json")
+    assert Partition.load(tmp_path / "new" / "partition.json").subsets == p.subsets
+
+
+def test_numpy_num_classes_saves_as_json(tmp_path):
+    p = partition_random(np.int64(6), np.int64(2), seed=3)
+    assert type(p.num_classes) is int
+    p.save(tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["num_classes"] == 6
+    assert Partition([[0, 1], [2]], torch.tensor(3)).num_classes == 3
+    with pytest.raises(HydraError, match="num_classes must be an integer"):
+        Partition([[0, 1], [2]], 3.0)
+
+
+def test_class_mean_outputs_accepts_bfloat16():
+    probs = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.125, 0.875]], dtype=torch.bfloat16)  # exact in bfloat16
+    d = class_mean_outputs(probs, torch.tensor([0, 0, 1]), 2)
+    np.testing.assert_array_equal(d, [[0.625, 0.375], [0.125, 0.875]])
+    assert partition_kmeans(torch.eye(4, dtype=torch.bfloat16), 2).subsets == partition_kmeans(np.eye(4), 2).subsets
+
+
+@pytest.mark.parametrize("call", [lambda: partition_kmeans(np.eye(4), 2, seeds=0),
+                                  lambda: partition_spectral(np.eye(4), 2, seeds=0)])
+def test_zero_seeds_is_an_error(call):
+    with pytest.raises(HydraError, match="seeds must be at least 1"):
+        call()
+
+
+def test_load_of_a_binary_file_is_one_error(tmp_path):
+    (tmp_path / "p.json").write_bytes(b"\xff\xfe\x00\x81 not json")
+    with pytest.raises(HydraError, match="cannot read partition file"):
+        Partition.load(tmp_path / "p.json")

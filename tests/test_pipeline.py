@@ -411,3 +411,29 @@ def test_shipped_pipeline_configs_fork_the_upcycled_hydranet_early(name):
     assert base.train.keep_epochs == [10] and hyd.hydra.init_from.endswith(str(Path("baseline/checkpoints/epoch10.pt")))
     assert (hyd.train.epochs, hyd.optim.schedule_start, hyd.optim.schedule_epochs) == (90, 10, 100)
     assert (hyd.hydra.branch_width, hyd.hydra.gate_width, hyd.hydra.shared_path) == (1.0, 1.0, True)
+
+
+@pytest.mark.parametrize("setting", ["pipeline.speed_repeats=0", "pipeline.speed_batch=0", "pipeline.hydra_epochs=0"])
+def test_bad_pipeline_settings_are_refused_before_training(tmp_path, capsys, monkeypatch, setting):
+    """speed_repeats=0 failed with a traceback at the evaluation, after both trainings (speed_batch=0 then also locked
+    the folder); hydra_epochs=0 silently trained train.epochs."""
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
+    out = tmp_path / "run"
+    code, _, err = pipeline(capsys, out, setting)
+    assert code == 2
+    one_error_line(err, f"{setting} must be at least 1")
+    assert not out.exists()
+
+
+def test_a_config_that_fails_before_training_does_not_lock_the_folder(tmp_path, capsys, monkeypatch):
+    """A pipeline whose config fails before anything is computed (here a model that cannot be built) leaves a
+    folder that takes the corrected config; it used to be refused as "made with" the broken one."""
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
+    out = tmp_path / "run"
+    code, _, err = pipeline(capsys, out, "model.kwargs={depth: 8, bogus: 1}")
+    assert code == 2
+    one_error_line(err, "cannot be built", "bogus")
+    code, _, err = pipeline(capsys, out, "model.kwargs={depth: 8, width: 0.5, typo: 1}")
+    assert code == 2
+    one_error_line(err, "cannot be built", "typo")
+    assert not (out / "baseline").exists()

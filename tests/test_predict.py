@@ -118,6 +118,21 @@ def test_predict_matches_an_independent_forward_pass(runs, name):
         assert "branches" not in rows[0]
 
 
+@pytest.mark.parametrize("name", ["baseline", "hydranet"])
+def test_predict_with_a_bf16_model(runs, name):
+    model = hydranets.load_model(runs[name], "cpu").to(torch.bfloat16)
+    rows = hydranets.predict(model, runs["x"], top=3)
+    with torch.no_grad():
+        out = model(((runs["x"].float() / 255 - 0.5) / 0.25).bfloat16(), return_gate=True) if name == "hydranet" \
+            else None
+        probs = by_hand(model.float(), runs["x"])  # the same weights (bf16 values) in fp32
+    for i, row in enumerate(rows):
+        assert row["probs"] == pytest.approx(probs[i, row["indices"]].tolist(), abs=2e-2)
+        assert row["probs"][0] >= probs[i].max().item() - 2e-2
+        if out is not None:
+            assert row["branches"] == out.route[i].tolist()
+
+
 def test_predict_on_a_model_in_training_mode_predicts_as_in_eval_and_changes_nothing(runs):
     model = hydranets.load_model(runs["hydranet"], "cpu")
     expected = hydranets.predict(model, runs["x"], top=2)
@@ -135,6 +150,10 @@ def test_predict_bad_input(runs):
         hydranets.predict(model, runs["x"], top=11)
     with pytest.raises(HydraError, match="load_model"):
         hydranets.predict(hydranets.create_model("resnet20", num_classes=10), runs["x"])
+    size = model.input_spec.size
+    with pytest.raises(HydraError, match=f"takes {size}x{size} images, got {size + 4}x{size + 4}; .*read_images"):
+        hydranets.predict(model, torch.zeros(2, runs["x"].shape[1], size + 4, size + 4, dtype=torch.uint8))
+    assert hydranets.predict(model, runs["x"][:0]) == []
 
 
 def test_old_run_without_inputs_reads_its_data_set(runs, tmp_path, capsys):
@@ -176,3 +195,62 @@ def test_cli_predict_bad_input(runs, capsys, tmp_path):
     code, _, err = run_cli(capsys, "predict", str(tmp_path / "nowhere"), str(runs["images"]), "--device", "cpu")
     assert code == 2
     one_error_line(err, "does not exist")
+
+
+def _synced_replaces(monkeypatch) -> list[tuple[str, bool]]:
+    """Spy on os.replace: (target name, whether the file renamed had been fsynced) for each call."""
+    import os
+    synced, replaced = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        replaced.append((os.path.basename(dst), os.stat(src).st_ino in synced))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return replaced
+
+
+def test_saved_files_are_synced_before_they_replace_the_old_ones(tmp_path, monkeypatch):
+    from hydranets.checkpoint import atomic_save, atomic_write_text, load_safetensors, save_safetensors
+    model = hydranets.create_model("resnet_cifar", num_classes=10, depth=8, width=0.25)
+    replaced = _synced_replaces(monkeypatch)
+    atomic_write_text('{"epoch": 1}\n', tmp_path / "metrics.jsonl")
+    save_safetensors(model, tmp_path / "model.safetensors", {"model_info": {"name": "resnet_cifar"}})
+    atomic_save({"model": model.state_dict()}, tmp_path / "last.pt")
+    assert replaced == [("metrics.jsonl", True), ("model.safetensors", True), ("last.pt", True)]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    loaded = load_safetensors(tmp_path / "model.safetensors")
+    assert loaded["model_info"] == {"name": "resnet_cifar"}
+    assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl", "model.safetensors"]
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, monkeypatch):
+    import safetensors.torch
+    from hydranets.checkpoint import atomic_write_text, save_safetensors
+    model = hydranets.create_model("resnet_cifar", num_classes=10, depth=8, width=0.25)
+    (tmp_path / "model.safetensors").write_bytes(b"old weights")
+    (tmp_path / "summary.json").write_text("old summary")
+
+    def disk_full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a fi")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        save_safetensors(model, tmp_path / "model.safetensors", {"model_info": {}})
+    def broken_rename(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("os.replace", broken_rename)
+    with pytest.raises(OSError):
+        atomic_write_text("new summary", tmp_path / "summary.json")
+    assert (tmp_path / "model.safetensors").read_bytes() == b"old weights"
+    assert (tmp_path / "summary.json").read_text() == "old summary"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "summary.json"]

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
 from hydranets.errors import HydraError  # noqa: E402
-from hydranets.partition import partition_random  # noqa: E402
+from hydranets.partition import Partition, partition_random  # noqa: E402
 from hydranets.report import PLOT_FILES, curve_styles, plot_means, plot_pareto, write_report  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -201,3 +201,69 @@ def test_report_renders_in_chromium(tmp_path):
     imgs = re.findall(r"<img [^>]*>", dom)
     assert len(imgs) == len(PLOT_FILES)
     assert all('src="data:image/png;base64,' in tag for tag in imgs)
+
+
+def routing_bars(monkeypatch, run: Path) -> tuple[list[float], str]:
+    """Write the report and return the heights and y label of the routing plot's branch-load bars."""
+    import hydranets.report as report
+    figs = {}
+    original = report._save
+
+    def keep(fig, path):
+        figs[Path(path).name] = fig
+        return original(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    write_report(run)
+    bax = figs[PLOT_FILES["routing"]].axes[1]
+    return [p.get_height() for p in bax.patches], bax.get_ylabel()
+
+
+@pytest.mark.parametrize("load", ["absent", None])
+def test_routing_load_without_a_load_entry_is_the_share_of_images(tmp_path, monkeypatch, load):
+    """eval.json with a routing matrix but no (or a null) 'load': each branch's bar is the share of test images that ran
+    it, as the pipeline writes it, computed here from the images' routes."""
+    run = make_run(tmp_path, samples=False, metrics=())
+    part = Partition.load(run / "partition.json")
+    labels = np.arange(12) % 10
+    routes = np.array([[0, 1]] * 6 + [[2, 0]] * 4 + [[1, 2]] * 2)  # k = 2; loads 10/12, 8/12, 6/12
+    chosen = np.zeros((12, 3))
+    np.put_along_axis(chosen, routes, 1.0, axis=1)
+    matrix = part.membership().numpy()[labels].T @ chosen
+    ev = json.loads((run / "eval.json").read_text())
+    ev["routing"] = {"k": 2, "matrix": matrix.tolist()} | ({} if load == "absent" else {"load": load})
+    (run / "eval.json").write_text(json.dumps(ev))
+    heights, ylabel = routing_bars(monkeypatch, run)
+    np.testing.assert_allclose(heights, chosen.mean(0))
+    assert ylabel == "share of test images routed here"
+
+
+def test_routing_load_as_written_is_drawn(tmp_path, monkeypatch):
+    heights, _ = routing_bars(monkeypatch, make_run(tmp_path, samples=False, metrics=()))
+    np.testing.assert_allclose(heights, [0.62, 0.71, 0.67])
+
+
+@pytest.mark.parametrize("key, value", [("top1", "n/a"), ("macs", [1, 2]), ("top1", True)])
+def test_non_numeric_row_is_an_error(tmp_path, key, value):
+    run = make_run(tmp_path)
+    ev = json.loads((run / "eval.json").read_text())
+    ev["rows"][1][key] = value
+    (run / "eval.json").write_text(json.dumps(ev))
+    with pytest.raises(HydraError, match=f"row 1: {key!r} must be a number"):
+        write_report(run)
+
+
+def test_routing_load_of_overlapping_subtasks_without_a_load_entry_is_the_share_of_choices(tmp_path, monkeypatch):
+    """With classes in two subtasks the matrix counts an image twice, so without 'load' the bars can only be the share
+    of gate choices, and say so."""
+    run = make_run(tmp_path, samples=False, metrics=())
+    Partition([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 7, 8, 9]], 10, NAMES, overlap=True).save(
+        run / "partition.json")
+    ev = json.loads((run / "eval.json").read_text())
+    matrix = [[30, 10, 0], [0, 20, 20], [10, 0, 10]]
+    ev["routing"] = {"k": 2, "matrix": matrix}
+    (run / "eval.json").write_text(json.dumps(ev))
+    heights, ylabel = routing_bars(monkeypatch, run)
+    np.testing.assert_allclose(heights, [40 / 100, 30 / 100, 30 / 100])
+    assert ylabel == "share of gate choices"
+    assert "share of gate choices going to each branch" in (run / "report.html").read_text()

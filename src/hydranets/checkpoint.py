@@ -27,10 +27,19 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` (UTF-8) to a synced temporary file beside ``path``, its folders made, then rename: a crash
+    or a full disk leaves the old file or the new."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -73,8 +82,14 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict | None =
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_safetensors(path: str | Path) -> dict:

@@ -9,6 +9,28 @@ from pathlib import Path
 from .errors import HydraError
 
 
+def output_file(path: str | None, flag: str) -> Path | None:
+    """The file an option names for output, checked before the work (not after it): not a folder, and its missing
+    folders can be made (where the nearest existing one is a folder)."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise HydraError(f"{flag} {path} is a folder; give a file name, e.g. {out / 'out.json'}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HydraError(f"{flag} {path}: {parent} is a file, not a folder; give another path")
+    return out
+
+
+def write_json(data: object, path: Path) -> None:
+    """``data`` as JSON in ``path``, its folders made, written atomically."""
+    from .checkpoint import atomic_write_text
+    atomic_write_text(json.dumps(data, indent=1), path)
+
+
 def _config(args):
     from .config import load_config
     return load_config(args.config, args.overrides)
@@ -33,7 +55,7 @@ def cmd_eval(args) -> None:
     from .cost import active_params, compare_speed, first_images, model_macs
     from .data import BatchLoader
     from .distributed import pick_device
-    from .evaluate import evaluate
+    from .evaluate import AUTOCAST_DTYPES, evaluate
     from .hydranet import HydraNet
     from .inference import fold_batchnorms
     from .train import load_data, load_trained
@@ -41,11 +63,15 @@ def cmd_eval(args) -> None:
                         ("--repeats", args.repeats)):
         if value < 1:
             raise HydraError(f"{flag} must be at least 1, got {value}")
+    json_out = output_file(args.json, "--json")
     device = pick_device(args.device)
     model, ckpt = load_trained(args.run, device)
     cfg = config_from_dict(ckpt["config"])
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     _, test_set = load_data(cfg)
-    batches = list(BatchLoader(test_set, args.batch_size, train=False, device=device, prefetch=False))
+    batches = list(BatchLoader(test_set, args.batch_size, train=False, device=device, prefetch=False,
+                               channels_last=cfg.train.channels_last))
     size = tuple(test_set.images.shape[1:])
     hydra = isinstance(model, HydraNet)
     try:
@@ -65,8 +91,8 @@ def cmd_eval(args) -> None:
         candidates[str(k)] = (model, kw)
         candidates[f"{k} folded"] = (folded, kw)
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
-                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
-                          images=first_images(batches, args.speed_batch))
+                          autocast=AUTOCAST_DTYPES.get(cfg.train.precision),
+                          images=first_images(batches, args.speed_batch), channels_last=cfg.train.channels_last)
     print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
     print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'true route':>12}{'shuffled':>10}{'MMACs':>9}"
           f"{'params(M)':>11}{'images/s':>10}{'folded':>8}")
@@ -83,13 +109,14 @@ def cmd_eval(args) -> None:
     if hydra:
         print("true route: top-1 with each image's true subtask among its k branches (a perfect gate); shuffled: "
               "top-1 with each chosen branch replaced by the next one (near top-1: routing adds nothing)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if json_out:
+        write_json(rows, json_out)
 
 
 def cmd_predict(args) -> None:
     from .data.inputs import image_files, read_images
     from .inference import load_model, predict
+    json_out = output_file(args.json, "--json")
     model = load_model(args.run, args.device, fold=not args.no_fold)
     files = image_files(args.images)
     if args.batch_size < 1:
@@ -103,8 +130,8 @@ def cmd_predict(args) -> None:
             guesses = ", ".join(f"{c} {p:.1%}" for c, p in zip(row["classes"], row["probs"]))
             routed = f"  [branch {' '.join(map(str, row['branches']))}]" if "branches" in row else ""
             print(f"{f}: {guesses}{routed}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if json_out:
+        write_json(rows, json_out)
 
 
 def cmd_partition(args) -> None:
@@ -114,14 +141,14 @@ def cmd_partition(args) -> None:
     from .train import load_trained
     if args.overlap_balanced and not args.overlap:
         raise HydraError("--overlap-balanced spreads the second subtasks of --overlap; pass --overlap too")
+    given = output_file(args.out, "--out")
     _, ckpt = load_trained(args.run)
     cfg = config_from_dict(ckpt["config"])
     pc = cfg.partition
     pc.method, pc.overlap, pc.overlap_balanced, pc.seed = args.method, args.overlap, args.overlap_balanced, args.seed
     run = Path(args.run)
     folder = run if run.is_dir() else run.parent.parent if run.parent.name == "checkpoints" else run.parent
-    out = Path(args.out) if args.out else folder / partition_filename(pc.method, args.branches, pc.overlap,
-                                                                      pc.overlap_balanced, pc.seed)
+    out = given or folder / partition_filename(pc.method, args.branches, pc.overlap, pc.overlap_balanced, pc.seed)
     if out.exists() and not args.overwrite:
         raise HydraError(f"{out} exists; pass --overwrite to replace it or --out elsewhere")
     p = compute_partition(cfg, args.run, out, args.branches)
@@ -153,7 +180,10 @@ def cmd_bench_pareto(args) -> None:
     proto = load_protocol(args.config, args.overrides)
     if args.smoke:
         proto = smoke_protocol(proto)
-        args.results = protocol_dir(proto) / "results"
+    if args.results is None:
+        args.results = protocol_dir(proto) / "results" if args.smoke else Path("benchmarks/results")
+    if Path(args.results).exists() and not Path(args.results).is_dir():
+        raise HydraError(f"--results {args.results} is a file; give the folder for <protocol>.{{json,png,md}}")
     if args.eval_only and not args.replace_results:  # before minutes of evaluation, not after
         check_results_kept(proto, args.results, finished_entries(proto))
     if args.add_repeats:
@@ -239,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--add-repeats", action="store_true", help="add the repeats (seeds) and ablations that "
                       "finished since <protocol>.json was written to it, and compare again, without evaluating or "
                       "timing the rest (their run folders need not be here)")
-    p.add_argument("--results", default="benchmarks/results", help="folder for <protocol>.{json,png,md}")
+    p.add_argument("--results", help="folder for <protocol>.{json,png,md} (default benchmarks/results; with --smoke "
+                   "<out>-smoke/results)")
     p.add_argument("--replace-results", action="store_true", help="replace <protocol>.json even where it holds "
                    "models this evaluation lacks (refused by default: their measurements would be lost)")
     p.add_argument("--smoke", action="store_true", help="the protocol in miniature (2-epoch schedules, 1,024 "

@@ -20,6 +20,12 @@ def _module_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _as_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on the model's device, floating-point inputs in the dtype of its parameters (a bf16 or fp16 model)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return x.to(_module_device(model), dtype if dtype is not None and x.is_floating_point() else x.dtype)
+
+
 def count_macs(fn: Callable[..., Any] | nn.Module, *inputs: torch.Tensor, batch_size: int | None = None,
                **kwargs) -> float:
     """Multiply-adds per image of one call ``fn(*inputs, **kwargs)``: FLOPs counted by PyTorch / 2 / batch."""
@@ -39,7 +45,7 @@ def model_macs(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 
         g = torch.Generator().manual_seed(seed)
         inputs = torch.randn((batch_size, *input_size), generator=g)
     try:
-        return count_macs(model, inputs.to(_module_device(model)), **forward_kwargs)
+        return count_macs(model, _as_input(inputs, model), **forward_kwargs)
     finally:
         model.train(was_training)
 
@@ -96,6 +102,19 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
                          f"{tuple(images.shape)}")
     else:
         x_cpu = images.repeat((-(-batch_size // len(images)),) + (1,) * len(input_size))[:batch_size]
+    modes = {id(model): (model, model.training) for model, _ in candidates.values()}
+    try:
+        return _time_side_by_side(candidates, x_cpu, batch_size, repeats, warmup, min_time, autocast,
+                                  channels_last, fold)
+    finally:
+        for model, training in modes.values():
+            model.train(training)
+
+
+def _time_side_by_side(candidates: dict[str, tuple[nn.Module, dict]], x_cpu: torch.Tensor, batch_size: int,
+                       repeats: int, warmup: int, min_time: float, autocast: torch.dtype | None,
+                       channels_last: bool, fold: bool) -> dict[str, dict]:
+    """:func:`compare_speed` on its input batch ``x_cpu``."""
     prepared, folded = {}, {}
     for name, (model, kwargs) in candidates.items():
         model.eval()
@@ -104,7 +123,7 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
                 folded[id(model)] = fold_batchnorms(model)[0]
             model = folded[id(model)]
         device = _module_device(model)
-        x = x_cpu.to(device)
+        x = _as_input(x_cpu, model)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         prepared[name] = (model, kwargs, x, device)

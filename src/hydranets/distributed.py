@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import HydraError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -16,6 +19,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +39,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     except RuntimeError:
         raise HydraError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise HydraError(f"train.device is {name!r} but no CUDA device is available; use train.device=auto or cpu")
+        raise HydraError(f"device {name!r} was asked for but no CUDA device is available; use auto or cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
@@ -46,16 +50,28 @@ def setup(device: str = "auto") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    owns = world_size > 1 and not dist.is_initialized()
+    if owns:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(rank, world_size, local_rank, dev)
+    return Runtime(rank, world_size, local_rank, dev, owns)
 
 
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
+
+
+def main_first(rt: Runtime, fn: Callable[[], T]) -> T:
+    """``fn()`` on the main process first, then on the others, which wait for it: a download, an archive's
+    extraction or a data cache is then made by one process, not raced by all."""
+    if not rt.is_main:
+        barrier(rt)
+    out = fn()
+    if rt.is_main:
+        barrier(rt)
+    return out
 
 
 def mean_over_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -68,5 +84,6 @@ def mean_over_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 def teardown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    """Leave the process group if :func:`setup` joined it; a caller's own group stays for the caller."""
+    if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()

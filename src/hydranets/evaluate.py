@@ -7,20 +7,27 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .errors import HydraError
 from .hydranet import HydraNet
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32.
+    """``auto`` -> bf16 where the hardware runs it fast (a CUDA GPU of compute capability 8.0 or later, ROCm, a CPU
+    with AVX512-BF16/AMX), else fp32.
 
     On a CPU without bf16 instructions, PyTorch falls back to slow reference kernels (about 10x slower
     than fp32), so ``auto`` never picks bf16 there.
     """
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # native bf16 from Ampere (8.0) on; is_bf16_supported() also counts slow emulation
+        native = torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native else "fp32"
     return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each resolved reduced precision (fp32 runs without autocast)."""
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -57,40 +64,44 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     recall_hits = true_hits = shuffled_hits = 0
     load = matrix = None
     probs, labels = [], []
-    for x, y in batches:
-        with autocast_for(device, precision):
+    try:
+        for x, y in batches:
+            with autocast_for(device, precision):
+                if hydra is not None:
+                    out = hydra(x, routing="topk", topk=topk, return_gate=True)
+                    logits, route = out.logits, out.route
+                else:
+                    logits, route = model(x), None
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += (top5[:, 0] == y).sum().item()
+            correct5 += (top5 == y[:, None]).any(1).sum().item()
+            total += y.numel()
+            if collect_probs:
+                probs.append(logits.softmax(1).cpu())
+                labels.append(y.cpu())
             if hydra is not None:
-                out = hydra(x, routing="topk", topk=topk, return_gate=True)
-                logits, route = out.logits, out.route
-            else:
-                logits, route = model(x), None
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top5[:, 0] == y).sum().item()
-        correct5 += (top5 == y[:, None]).any(1).sum().item()
-        total += y.numel()
-        if collect_probs:
-            probs.append(logits.softmax(1).cpu())
-            labels.append(y.cpu())
-        if hydra is not None:
-            if shuffled_branches:
-                with autocast_for(device, precision), _shifted_branches(hydra):
-                    shuffled = hydra(x, routing="topk", topk=topk)
-                shuffled_hits += (shuffled.float().argmax(1) == y).sum().item()
-            B = hydra.num_branches
-            chosen = torch.zeros(y.numel(), B, device=route.device).scatter_(1, route, 1.0)
-            load = chosen.sum(0) if load is None else load + chosen.sum(0)
-            if hydra.membership.numel():
-                member = hydra.membership[y]
-                recall_hits += (member * chosen).amax(1).sum().item()
-                m = member.T @ chosen
-                matrix = m if matrix is None else matrix + m
-                if true_route:
-                    with autocast_for(device, precision):
-                        forced = hydra(x, routing="topk", topk=topk, force=member)
-                    true_hits += (forced.float().argmax(1) == y).sum().item()
-    model.train(was_training)
-    result = {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "count": total,
+                if shuffled_branches:
+                    with autocast_for(device, precision), _shifted_branches(hydra):
+                        shuffled = hydra(x, routing="topk", topk=topk)
+                    shuffled_hits += (shuffled.float().argmax(1) == y).sum().item()
+                B = hydra.num_branches
+                chosen = torch.zeros(y.numel(), B, device=route.device).scatter_(1, route, 1.0)
+                load = chosen.sum(0) if load is None else load + chosen.sum(0)
+                if hydra.membership.numel():
+                    member = hydra.membership[y]
+                    recall_hits += (member * chosen).amax(1).sum().item()
+                    m = member.T @ chosen
+                    matrix = m if matrix is None else matrix + m
+                    if true_route:
+                        with autocast_for(device, precision):
+                            forced = hydra(x, routing="topk", topk=topk, force=member)
+                        true_hits += (forced.float().argmax(1) == y).sum().item()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise HydraError("nothing to evaluate: the batches hold no images; check the test split or its subset size")
+    result = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "count": total,
               "precision": precision}
     if hydra is not None:
         result["topk"] = topk or hydra.topk

@@ -28,6 +28,12 @@ def _layers(seq: nn.Sequential) -> list[tuple[nn.Module, str, nn.Module]]:
     return out
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks (e.g. an old-style spectral norm recomputing its weight): folding would drop
+    or misapply them."""
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
 def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode in which every ``Conv2d`` that a ``BatchNorm2d`` directly follows
     (in a Sequential, nested ones included) is replaced by one convolution computing both; the batch norm
@@ -35,17 +41,23 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
 
     The copy computes the same function as ``model.eval()`` (to float rounding) and is for inference
     only: training it would train the folded weights, not the batch norms. Batch norms after a
-    nonlinearity, or without running statistics, stay as they are; the model itself is not changed.
+    nonlinearity, or without running statistics, and pairs with forward hooks stay as they are; the model
+    itself is not changed.
     """
+    from .hydranet import HydraNet
     folded = copy.deepcopy(model).eval()
     count = 0
     for seq in [m for m in folded.modules() if type(m) is nn.Sequential]:
         layers = _layers(seq)
         for (conv_parent, conv_name, conv), (bn_parent, bn_name, bn) in zip(layers, layers[1:]):
-            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
+            if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+                    and not _hooked(conv) and not _hooked(bn)):
                 setattr(conv_parent, conv_name, fuse_conv_bn_eval(conv, bn))
                 setattr(bn_parent, bn_name, nn.Identity())
                 count += 1
+    for m in folded.modules():
+        if isinstance(m, HydraNet) and count:  # each branch's convolutions now hold its own batch norms: untied
+            m.tied_norms = None
     return folded, count
 
 
@@ -93,28 +105,36 @@ def predict(model: nn.Module, images: torch.Tensor, top: int | None = None,
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != spec.in_chans:
         raise HydraError(f"predict takes (N, {spec.in_chans}, H, W) uint8 images, got {tuple(images.shape)} "
                          f"{images.dtype}")
+    if tuple(images.shape[2:]) != (spec.size, spec.size):
+        raise HydraError(f"this model takes {spec.size}x{spec.size} images, got {images.shape[2]}x{images.shape[3]}; "
+                         "hydranets.data.inputs.read_images resizes and crops image files as its test images were")
     top = min(5, len(spec.classes)) if top is None else top
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(spec.classes):
         raise HydraError(f"top must be a whole number from 1 to the {len(spec.classes)} classes, got {top!r}")
+    if not len(images):
+        return []
     device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dataset = ImageDataset(images, torch.zeros(len(images), dtype=torch.long), spec.classes, spec.mean, spec.std)
     was_training = model.training
     model.eval()
     try:
         return _predict_batches(model, BatchLoader(dataset, batch_size, train=False, device=device,
-                                                   channels_last=False, prefetch=False), spec, top)
+                                                   channels_last=False, prefetch=False), spec, top, dtype)
     finally:
         model.train(was_training)
 
 
-def _predict_batches(model: nn.Module, batches: Any, spec: InputSpec, top: int) -> list[dict[str, Any]]:
+def _predict_batches(model: nn.Module, batches: Any, spec: InputSpec, top: int,
+                     dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
     from .hydranet import HydraNet
     out = []
     for x, _ in batches:
+        x = x.to(dtype)
         if isinstance(model, HydraNet):
             res = model(x, return_gate=True)
             logits, route = res.logits, res.route
-            scores = res.gate_logits.gather(1, route).sigmoid()
+            scores = res.gate_logits.float().gather(1, route).sigmoid()
         else:
             logits, route = model(x), None
         probs, idx = logits.float().softmax(1).topk(top, dim=1)

@@ -22,33 +22,64 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, PartitionConfig, _merge, config_from_dict
 from .cost import compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
-from .evaluate import evaluate, resolve_precision, subtask_recall
+from .evaluate import AUTOCAST_DTYPES, evaluate, resolve_precision, subtask_recall
 from .machine import describe, machine_info
 from .partition import Partition, partition_filename
 from .pipeline import _device, compute_partition
 from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
 
-PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "num_subsets", "hydranets", "ablations",
+PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "hydranets", "ablations",
                  "checks", "repeats", "speed_batches", "speed_repeats", "fold_batchnorms"}
+ENTRY_LISTS = ("baselines", "hydranets", "ablations", "checks", "repeats")
+
+
+def _whole(v: object, least: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A protocol file read and checked (with ``key=value`` overrides of its shared base config), repeats expanded."""
     import yaml
 
     from .config import parse_overrides
     path = Path(path)
-    if not path.exists():
-        raise HydraError(f"protocol file {path} does not exist")
-    proto = yaml.safe_load(path.read_text())
+    if not path.is_file():
+        raise HydraError(f"protocol file {path} " + ("is a folder; give a .yaml file" if path.is_dir()
+                                                     else "does not exist"))
+    try:
+        proto = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HydraError(f"protocol file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(proto, dict):
+        raise HydraError(f"protocol file {path} must hold a mapping (protocol, base, baselines, ...), "
+                         f"got {type(proto).__name__}")
     unknown = set(proto) - PROTOCOL_KEYS
     if unknown:
         raise HydraError(f"protocol {path}: unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(PROTOCOL_KEYS))}")
     for key in ("protocol", "base", "baselines", "hydranets", "partition_from"):
         if key not in proto:
             raise HydraError(f"protocol {path} lacks {key!r}")
+    if not isinstance(proto["base"], dict):
+        raise HydraError(f"protocol {path}: base must be a mapping of config sections, got {proto['base']!r}")
+    for key in ENTRY_LISTS:
+        entries = proto.setdefault(key, [])
+        if entries is None:
+            entries = proto[key] = []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise HydraError(f"protocol {path}: {key} must be a list of entries, each a mapping with a name "
+                             f"(e.g. - {{name: resnet20, model: {{name: resnet20}}}}), got {entries!r}")
     if not isinstance(proto.get("fold_batchnorms", True), bool):
         raise HydraError(f"protocol {path}: fold_batchnorms must be true or false, got {proto['fold_batchnorms']!r}")
+    batches = proto.get("speed_batches", [256, 1])
+    if not isinstance(batches, list) or not batches or not all(_whole(b) for b in batches):
+        raise HydraError(f"protocol {path}: speed_batches must be a list of batch sizes >= 1, e.g. [256, 1], "
+                         f"got {batches!r}")
+    if not _whole(proto.get("speed_repeats", 5)):
+        raise HydraError(f"protocol {path}: speed_repeats must be a whole number >= 1, got {proto['speed_repeats']!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
+    if "out" in proto["base"]:
+        raise HydraError(f"protocol {path}: out is not a setting of the shared base config (each entry trains in "
+                         "<the protocol's out>/<its name>); set the protocol's own out: instead")
     expand_repeats(proto, path)
     check_entries(proto, path)
     return proto
@@ -86,6 +117,11 @@ def check_entries(proto: dict, path: str | Path) -> None:
     """Every entry's config is valid, and every run it starts from is an entry (keeping that epoch) or exists."""
     entries = all_entries(proto)
     by_name = {e.get("name"): e for e in entries}
+    names = [e["name"] for e in entries if "name" in e]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise HydraError(f"protocol {path}: two entries are named {twice!r}; each entry trains in its own run folder "
+                         "<out>/<name>, so give each its own name")
 
     def check_kept(ref: str, who: str) -> None:
         name, epoch = split_source(ref)
@@ -215,6 +251,9 @@ def model_config(proto: dict, entry: dict) -> Config:
     """The training config of one family member: the shared base, then the entry's own settings."""
     if "name" not in entry:
         raise HydraError(f"protocol entry {entry} lacks a 'name'")
+    if "out" in entry:
+        raise HydraError(f"protocol entry {entry['name']!r} sets out, but each entry trains in <the protocol's "
+                         "out>/<its name>; leave out to the protocol")
     own = {k: v for k, v in entry.items() if k not in ("name", "family", "repeat_of", "partition_from")}
     data = _merge(copy.deepcopy(proto["base"]), own)
     data["out"] = str(protocol_dir(proto) / entry["name"])
@@ -453,7 +492,7 @@ def evaluate_protocol(proto: dict) -> dict:
     images = first_images(setup["batches"], max(speed_batches))
     for bs in speed_batches:
         speed = compare_speed(candidates, setup["size"], bs, repeats=proto.get("speed_repeats", 5),
-                              autocast=torch.bfloat16 if precision == "bf16" else None, images=images, fold=fold)
+                              autocast=AUTOCAST_DTYPES.get(precision), images=images, fold=fold)
         for r in rows:
             r[f"images_per_s_b{bs}"] = speed[r["name"]]["images_per_s"]
     test_set = setup["test_set"]
@@ -612,6 +651,7 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
     name = result["protocol"]
     js, png, md = results_dir / f"{name}.json", results_dir / f"{name}.png", results_dir / f"{name}.md"
     atomic_write_text(json.dumps(result, indent=1), js)
+    atomic_write_text(markdown_table(result), md)
     families = {}
     for f in ("baseline", "hydranet"):
         families[f] = [(r["macs"], r["top1"], r["name"]) for r in sorted(result["rows"], key=lambda r: r["macs"])
@@ -635,7 +675,6 @@ def write_results(result: dict, results_dir: str | Path) -> tuple[Path, Path, Pa
         plot_means({label.get(k, f"{k} (ablation)"): pts for k, pts in mean_curves(means).items()},
                    results_dir / f"{name}-means.png",
                    title=f"{name}: families on their means over seeds")
-    atomic_write_text(markdown_table(result), md)
     return js, png, md
 
 

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text
 from .errors import HydraError
 
 
@@ -25,6 +26,7 @@ class Partition:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.num_classes = _count(self.num_classes)
         self.subsets = [sorted(_class_index(c) for c in s) for s in self.subsets]
         validate_subsets(self.subsets, self.num_classes, self.overlap)
         if self.class_names is not None:
@@ -63,7 +65,11 @@ class Partition:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the partition as JSON, atomically: a failed write keeps the old file whole."""
+        try:
+            atomic_write_text(json.dumps(self.to_dict(), indent=1), path)
+        except OSError as e:
+            raise HydraError(f"cannot write partition file {path}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Partition":
@@ -76,7 +82,7 @@ class Partition:
         """Read a partition saved by :meth:`save`; with ``expected_*`` also check it is for this data set."""
         try:
             part = cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise HydraError(f"cannot read partition file {path}: {e}") from None
         if expected_num_classes is not None and part.num_classes != expected_num_classes:
             raise HydraError(f"partition file {path} is for another data set "
@@ -93,13 +99,22 @@ class Partition:
         return part
 
 
-def _class_index(c: object) -> int:
+def _whole(v: object, what: str) -> int:
+    """``v`` as a plain int (numpy integers too; not bools, not floats such as 0.5 or 3.0)."""
     try:
-        if isinstance(c, bool):
+        if isinstance(v, bool):
             raise TypeError
-        return operator.index(c)
+        return operator.index(v)
     except TypeError:
-        raise HydraError(f"partition holds {c!r} where a class index (an integer) belongs") from None
+        raise HydraError(what.format(v=v)) from None
+
+
+def _class_index(c: object) -> int:
+    return _whole(c, "partition holds {v!r} where a class index (an integer) belongs")
+
+
+def _count(n: object) -> int:
+    return _whole(n, "num_classes must be an integer, got {v!r}")
 
 
 def validate_subsets(subsets: Sequence[Sequence[int]], num_classes: int, overlap: bool = False) -> None:
@@ -148,7 +163,8 @@ def _check_counts(num_classes: int, num_subsets: int) -> None:
 
 def _as_numpy(x: "np.ndarray | torch.Tensor | Sequence", name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.double() if x.dtype == torch.bfloat16 else x).numpy()
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as e:
@@ -263,6 +279,8 @@ def balanced_kmeans(x: np.ndarray, k: int, seeds: int = 10, seed: int = 0, iters
 
     Returns centroids, subsets and the inertia (sum of squared distances to the own centroid).
     """
+    if seeds < 1:
+        raise HydraError(f"seeds must be at least 1, got {seeds}")
     best: tuple[np.ndarray, list[list[int]], float] | None = None
     for s in range(seeds):
         centroids, _ = kmeans(x, k, seeds=1, seed=seed + s)

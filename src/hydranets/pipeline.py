@@ -17,7 +17,7 @@ from .checkpoint import atomic_write_text
 from .config import Config, config_from_dict, save_config
 from .cost import active_params, compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
-from .evaluate import evaluate
+from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
 from .train import kept_checkpoint, load_data, load_trained, saved_config, train
@@ -49,10 +49,11 @@ def stage_configs(cfg: Config) -> tuple[Config, Config]:
 
 
 def check_pipeline_dir(cfg: Config) -> None:
-    """A pipeline folder made with another config is refused, so nothing computed is mixed or lost."""
+    """A pipeline folder made with another config is refused once it holds results, so nothing computed is mixed or
+    lost; before that (e.g. after a config that failed before training) it takes the new config."""
     out = Path(cfg.out)
     saved = out / "config.yaml"
-    if saved.exists():
+    if saved.exists() and any((out / n).exists() for n in ("baseline", "partition.json", "hydranet", "eval.json")):
         import yaml
         old, new = config_from_dict(yaml.safe_load(saved.read_text())).to_dict(), cfg.to_dict()
         for section, values in new.items():
@@ -69,6 +70,10 @@ def check_pipeline_dir(cfg: Config) -> None:
 def check_pipeline_args(cfg: Config) -> None:
     """Settings that cannot work, alone or with this data set, caught before the baseline is trained."""
     p = cfg.pipeline
+    for key, value in (("hydra_epochs", p.hydra_epochs), ("speed_batch", p.speed_batch),
+                       ("speed_repeats", p.speed_repeats)):
+        if value is not None and value < 1:
+            raise HydraError(f"pipeline.{key}={value} must be at least 1")
     fork = p.fork_epoch
     if fork is not None and not 1 <= fork < cfg.train.epochs:
         raise HydraError(f"pipeline.fork_epoch={fork} must be from 1 to train.epochs-1={cfg.train.epochs - 1}; "
@@ -139,7 +144,7 @@ def evaluate_models(cfg: Config, runs: dict[str, Path]) -> dict:
             if k == cfg.hydra.topk:
                 routing = {"k": k, "matrix": ev.get("routing_matrix"), "load": ev["branch_load"]}
     speed = compare_speed(candidates, size, cfg.pipeline.speed_batch, repeats=cfg.pipeline.speed_repeats,
-                          autocast=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                          autocast=AUTOCAST_DTYPES.get(cfg.train.precision),
                           images=first_images(batches, cfg.pipeline.speed_batch), fold=cfg.pipeline.fold_batchnorms)
     for row in rows:
         row["images_per_s"] = speed[row.pop("label")]["images_per_s"]

@@ -206,6 +206,13 @@ def _read_eval(run: Path) -> dict:
         for key in ("name", "top1", "macs"):
             if row.get(key) is None:
                 raise HydraError(f"{path}: row {i} lacks {key!r}")
+        for key in ("top1", "macs"):
+            try:
+                if isinstance(row[key], bool):
+                    raise TypeError
+                float(row[key])
+            except (TypeError, ValueError):
+                raise HydraError(f"{path}: row {i}: {key!r} must be a number, got {row[key]!r}") from None
     names = ev.get("class_names")
     n = ev.get("num_classes", len(names) if names else None)
     if not isinstance(n, int) or n < 1:
@@ -386,9 +393,14 @@ def _routing_section(routing: Any, part: Partition | None, plots: Path) -> str:
     heading = "Routing"
     if not isinstance(routing, dict) or routing.get("matrix") is None:
         return _missing_section(heading, "eval.json has no 'routing' entry.")
+    k = routing.get("k")
     try:
         matrix = np.asarray(routing["matrix"], dtype=np.float64)
-        load = np.asarray(routing.get("load", matrix.sum(0) / max(matrix.sum(), 1.0)), dtype=np.float64)
+        load = routing.get("load")
+        by_images = load is not None or (isinstance(k, int) and part is not None and not part.overlap)
+        if load is None:  # each image adds k to the matrix (once per chosen branch) when its class is in one subtask
+            load = matrix.sum(0) * (k if by_images else 1) / max(matrix.sum(), 1.0)
+        load = np.asarray(load, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise HydraError(f"eval.json: routing is not numeric: {e}") from None
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 1:
@@ -414,19 +426,19 @@ def _routing_section(routing: Any, part: Partition | None, plots: Path) -> str:
     hax.set_yticks(list(ticks))
     hax.set_xlabel("branch chosen by the gate")
     hax.set_ylabel("true subtask of the image")
-    k = routing.get("k")
     hax.set_title(f"where the gate sends each subtask (k={k})" if k is not None else "where the gate sends each subtask")
     bax.bar(np.arange(b), load, color="tab:blue")
     bax.axhline(float(load.mean()), color="gray", linestyle="--", linewidth=1, label="even load")
     bax.set_xticks(list(ticks))
     bax.set_xlabel("branch")
-    bax.set_ylabel("share of test images routed here")
+    bax.set_ylabel("share of test images routed here" if by_images else "share of gate choices")
     bax.set_title("branch load")
     bax.legend(fontsize=8)
     path = _save(fig, plots / PLOT_FILES["routing"])
     caption = ("Left: for the test images of each true subtask (row), the share of gate choices going to each "
                "branch (rows sum to 1; each image counts once per chosen branch); a strong diagonal means images "
-               "reach their subtask's branch. Right: share of test images routed to each branch.")
+               "reach their subtask's branch. Right: share of " + ("test images routed to" if by_images else
+                                                                "gate choices going to") + " each branch.")
     return _figure_section(heading, caption, path)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import distributed
 from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_checkpoint, load_safetensors,
                          load_state, save_safetensors)
-from .config import Config, config_from_dict, save_config
+from .config import Config, OptimConfig, config_from_dict, save_config
 from .data.inputs import InputSpec
 from .errors import HydraError
 from .evaluate import autocast_for, evaluate, resolve_precision
@@ -472,6 +472,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         distributed.teardown(rt)
 
 
+def check_optim(o: OptimConfig) -> None:
+    """Optimiser settings that would fail inside torch, or train nonsense, refused before anything is written."""
+    for key, ok, need in (("lr", o.lr > 0, "> 0"), ("momentum", 0 <= o.momentum < 1, "in [0, 1)"),
+                          ("weight_decay", o.weight_decay >= 0, ">= 0"),
+                          ("label_smoothing", 0 <= o.label_smoothing < 1, "in [0, 1)"),
+                          ("warmup_epochs", o.warmup_epochs >= 0, ">= 0"), ("grad_clip", o.grad_clip >= 0, ">= 0")):
+        if not ok:
+            raise HydraError(f"optim.{key} must be {need}, got {getattr(o, key)!r}")
+
+
 def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) -> dict:
     out, t = Path(cfg.out), cfg.train
     resume = resume and not overwrite  # --overwrite starts again: nothing of the old run is used
@@ -481,10 +491,11 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         if rt.is_main:
             print(f"{out}: already finished; nothing to do", file=sys.stderr)
         return json.loads((out / "summary.json").read_text())
-    for key, least in (("epochs", 1), ("accum_steps", 1), ("threads", 0)):
+    for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("accum_steps", 1), ("threads", 0)):
         value = getattr(t, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise HydraError(f"train.{key} must be an integer >= {least}, got {value!r}")
+    check_optim(cfg.optim)
     t.precision = run_precision(out, t.precision, rt.device, resume, say=rt.is_main)
     if t.precision == "fp16" and rt.device.type != "cuda":
         raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -520,7 +531,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
 
-    loader, test_loader, spec = make_loaders(cfg, rt)
+    loader, test_loader, spec = distributed.main_first(rt, lambda: make_loaders(cfg, rt))
     num_classes = len(spec.classes)
     partition = load_partition(cfg, spec.classes)
     info = model_info(cfg, num_classes, spec.in_chans)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -83,8 +84,8 @@ def download_file(url: str, dest: str | Path, md5: str | None = None, sha256: st
         with os.fdopen(fd, "wb") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=timeout)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                reason = getattr(e, "reason", e)
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+                reason = " ".join(str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}").split())
                 raise HydraError(f"cannot download {url}: {reason}; check the address and network, "
                                  f"or put the file at {dest} by hand") from None
             with response:
@@ -95,8 +96,9 @@ def download_file(url: str, dest: str | Path, md5: str | None = None, sha256: st
                     while True:
                         try:
                             block = response.read(_CHUNK)
-                        except OSError as e:
-                            raise HydraError(f"download of {url} broke off after {received} bytes: {e}; "
+                        except (OSError, http.client.HTTPException) as e:
+                            reason = " ".join(f"{type(e).__name__}: {e}".split())
+                            raise HydraError(f"download of {url} broke off after {received} bytes: {reason}; "
                                              "run it again") from None
                         if not block:
                             break
