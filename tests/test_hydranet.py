@@ -461,6 +461,14 @@ def test_a_callers_route_is_checked(hydra, route, match):
         hydra(torch.randn(2, 3, 32, 32), route=torch.tensor(route))
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8])
+def test_a_callers_route_of_any_integer_dtype_runs_as_int64(hydra, dtype):
+    x = torch.randn(3, 3, 32, 32)
+    route = torch.tensor([[3, 1], [3, 0], [5, 2]])
+    with torch.no_grad():
+        assert torch.equal(hydra.eval()(x, route=route.to(dtype)), hydra(x, route=route))
+
+
 def test_ghost_branch_norms_normalise_training_groups_on_their_own_and_keep_ties():
     torch.manual_seed(0)
     one = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, depth=8, width=0.5, branch_width=1.0,

@@ -1,6 +1,8 @@
 """Batch norms folded into convolutions: the same function, fewer layers, the model left as it was."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -133,3 +135,18 @@ def test_pairs_with_forward_hooks_are_not_folded():
         with torch.no_grad():
             assert count == pairs and torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
     assert len(seen) == 2  # the batch norm's hook ran in the folded copy too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_reduced_precision_model_is_folded_in_float32(dtype):
+    """Its folded weights are the float32 fold of its own weights, rounded once (folding in bf16 rounds each step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.01, 3.0)
+        model[1].weight.normal_()
+    low = model.to(dtype)
+    expected = fold_batchnorms(copy.deepcopy(low).float())[0][0].weight.to(dtype)
+    folded = fold_batchnorms(low)[0][0]
+    assert folded.weight.dtype == dtype and torch.equal(folded.weight, expected)

@@ -641,6 +641,28 @@ def test_eval_only_keeps_results_of_models_whose_runs_are_absent(tmp_path, capsy
     assert code != 0 and "would not have" not in err
 
 
+def test_a_full_run_checks_the_saved_results_before_training(tmp_path, capsys, monkeypatch):
+    """A protocol whose saved results hold a model it no longer has is refused before training and evaluation (the
+    refusal came after both, throwing the evaluation away); one that keeps every saved model goes on."""
+    import hydranets.pareto as pareto_mod
+    from helpers import one_error_line, run_cli
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr(pareto_mod, "run_protocol", lambda *a, **k: ran.append(1))
+    proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "b", "base": {},
+             "baselines": [{"name": "b"}], "hydranets": [{"name": "h"}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text(json.dumps({"rows": [{"name": "b"}, {"name": "gone"}]}))
+    argv = ("bench", "pareto", "--config", str(tmp_path / "p.yaml"), "--results", str(tmp_path / "results"))
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and not ran
+    one_error_line(err, "x.json holds results of 1 model(s) this evaluation would not have (gone")
+    (tmp_path / "results" / "x.json").write_text(json.dumps({"rows": [{"name": "b"}, {"name": "h"}]}))
+    assert run_cli(capsys, *argv)[0] == 0 and ran == [1]
+    assert run_cli(capsys, *argv, "--only", "b")[0] == 0 and ran == [1, 1]
+
+
 @pytest.mark.slow
 def test_repeats_added_to_saved_results_without_the_other_runs(tmp_path, capsys):
     """--add-repeats: a seed trained after the evaluation joins the saved results with the top-1 a whole evaluation

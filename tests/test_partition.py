@@ -246,3 +246,17 @@ def test_load_of_a_binary_file_is_one_error(tmp_path):
     (tmp_path / "p.json").write_bytes(b"\xff\xfe\x00\x81 not json")
     with pytest.raises(HydraError, match="cannot read partition file"):
         Partition.load(tmp_path / "p.json")
+
+
+def test_a_class_twice_in_one_subset_is_refused_even_with_overlap():
+    with pytest.raises(HydraError, match="subset 1 names a class twice"):
+        Partition([[0, 1, 2], [2, 3, 3]], 4, overlap=True)
+    Partition([[0, 1, 2], [2, 3]], 4, overlap=True)
+
+
+def test_an_invalid_partition_file_names_the_file(tmp_path):
+    path = tmp_path / "p.json"
+    Partition([[0, 1], [2, 3]], 4).save(path)
+    path.write_text(path.read_text().replace("3", "9"))
+    with pytest.raises(HydraError, match=f"partition file {path}: partition names class 9, outside 0..3"):
+        Partition.load(path)

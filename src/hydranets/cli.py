@@ -170,8 +170,8 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench_pareto(args) -> None:
-    from .pareto import (add_repeats, check_results_kept, evaluate_protocol, finished_entries, load_protocol,
-                         protocol_dir, run_protocol, smoke_protocol, write_results)
+    from .pareto import (add_repeats, all_entries, check_results_kept, evaluate_protocol, finished_entries,
+                         load_protocol, protocol_dir, run_protocol, smoke_protocol, write_results)
     if args.only:  # `--only A B key=value`: entry names never hold '=', so those words are overrides
         args.overrides += [w for w in args.only if "=" in w]
         args.only = [w for w in args.only if "=" not in w]
@@ -184,8 +184,9 @@ def cmd_bench_pareto(args) -> None:
         args.results = protocol_dir(proto) / "results" if args.smoke else Path("benchmarks/results")
     if Path(args.results).exists() and not Path(args.results).is_dir():
         raise HydraError(f"--results {args.results} is a file; give the folder for <protocol>.{{json,png,md}}")
-    if args.eval_only and not args.replace_results:  # before minutes of evaluation, not after
-        check_results_kept(proto, args.results, finished_entries(proto))
+    if not (args.replace_results or args.add_repeats or args.train_only or args.only):  # before the work, not after
+        check_results_kept(proto, args.results, finished_entries(proto) if args.eval_only
+                           else {e["name"] for e in all_entries(proto)})
     if args.add_repeats:
         result = add_repeats(proto, args.results)
     elif args.eval_only:

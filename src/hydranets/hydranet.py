@@ -121,7 +121,7 @@ class HydraNet(nn.Module):
         gate_logits = self.gate[-1](gate_feats)
         routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
         if route is not None:
-            _check_route(route, x.shape[0], self.num_branches)
+            route = _check_route(route, x.shape[0], self.num_branches).to(x.device, torch.long)
         if route is None and routing == "topk":
             k = self.topk if topk is None else _check_topk(topk, self.num_branches)
             scores = gate_logits.detach().float()
@@ -136,8 +136,8 @@ class HydraNet(nn.Module):
         return HydraOutput(logits, gate_logits, route) if return_gate else logits
 
 
-def _check_route(route: torch.Tensor, n: int, num_branches: int) -> None:
-    """A caller's route: (N, k) distinct branch indices per image, as top-k would give."""
+def _check_route(route: torch.Tensor, n: int, num_branches: int) -> torch.Tensor:
+    """A caller's route: (N, k) distinct branch indices per image, as top-k would give (any integer dtype)."""
     if route.dim() != 2 or route.shape[0] != n or not 1 <= route.shape[1] <= num_branches or route.is_floating_point():
         raise HydraError(f"route must be an integer tensor of shape (N={n}, k) with 1 <= k <= {num_branches}, "
                          f"got {tuple(route.shape)} {route.dtype}")
@@ -145,6 +145,7 @@ def _check_route(route: torch.Tensor, n: int, num_branches: int) -> None:
         raise HydraError(f"route holds branch indices outside 0..{num_branches - 1}")
     if route.shape[1] > 1 and (route.sort(1).values.diff(dim=1) == 0).any():
         raise HydraError("route names a branch twice for one image; each image's k branches must differ")
+    return route
 
 
 def _check_topk(k: int, num_branches: int) -> int:

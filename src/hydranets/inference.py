@@ -34,6 +34,14 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_pre_hooks or m._forward_hooks)
 
 
+def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``conv`` then ``bn`` as one convolution, computed in float32 for a bf16/fp16 model, then cast back."""
+    dtype = conv.weight.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return fuse_conv_bn_eval(conv, bn)
+    return fuse_conv_bn_eval(copy.deepcopy(conv).float(), copy.deepcopy(bn).float()).to(dtype)
+
+
 def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode in which every ``Conv2d`` that a ``BatchNorm2d`` directly follows
     (in a Sequential, nested ones included) is replaced by one convolution computing both; the batch norm
@@ -52,7 +60,7 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
         for (conv_parent, conv_name, conv), (bn_parent, bn_name, bn) in zip(layers, layers[1:]):
             if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
                     and not _hooked(conv) and not _hooked(bn)):
-                setattr(conv_parent, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(conv_parent, conv_name, _fuse(conv, bn))
                 setattr(bn_parent, bn_name, nn.Identity())
                 count += 1
     for m in folded.modules():

@@ -84,6 +84,8 @@ class Partition:
             part = cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise HydraError(f"cannot read partition file {path}: {e}") from None
+        except HydraError as e:
+            raise HydraError(f"partition file {path}: {e}") from None
         if expected_num_classes is not None and part.num_classes != expected_num_classes:
             raise HydraError(f"partition file {path} is for another data set "
                              f"({part.num_classes} classes, this one has {expected_num_classes})")
@@ -122,7 +124,9 @@ def validate_subsets(subsets: Sequence[Sequence[int]], num_classes: int, overlap
     if len(subsets) == 0 or any(len(s) == 0 for s in subsets):
         raise HydraError("partition has an empty subset; every branch needs at least one class")
     counts = [0] * num_classes
-    for s in subsets:
+    for i, s in enumerate(subsets):
+        if len(set(int(c) for c in s)) < len(s):
+            raise HydraError(f"subset {i} names a class twice; list each class once per subset")
         for c in s:
             if not 0 <= int(c) < num_classes:
                 raise HydraError(f"partition names class {c}, outside 0..{num_classes - 1}; "

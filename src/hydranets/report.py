@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from .checkpoint import atomic_write_text
 from .errors import HydraError
 from .partition import Partition
 from .reference_curves import PAPER_CIFAR100, PAPER_FAMILIES
@@ -517,5 +518,5 @@ def write_report(run_dir: str | Path) -> Path:
             f"<p class=\"cap\">Run folder {_e(run.resolve().name)}; {n} classes{branches}.</p>\n"
             f"{_summary(ev['rows'])}\n" + "\n".join(sections) + "\n</body></html>\n")
     out = run / "report.html"
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(page, out)
     return out

@@ -64,8 +64,8 @@ def balance_loss(gate_logits: torch.Tensor, route: torch.Tensor) -> torch.Tensor
     """Load-balancing loss (Switch Transformer's): B * sum_b f_b * p_b over the batch.
 
     f_b is the share of routing slots on branch b (from ``route``, (N, k)), p_b the mean softmax gate
-    probability of b. It is 1 for uniform routing and approaches B when every image goes to one
-    branch; its gradient (through p) pushes probability off the overloaded branches.
+    probability of b. It is 1 for uniform routing and approaches B/k when every image goes to the same k
+    branches; its gradient (through p) pushes probability off the overloaded branches.
     """
     b = gate_logits.shape[1]
     f = torch.bincount(route.reshape(-1), minlength=b).float() / route.numel()
