@@ -17,10 +17,16 @@ from pathlib import Path
 
 
 def paired_differences(top1: dict[str, float], pairs: list[tuple[str, str]]) -> dict:
-    """Each pair's top-1 difference (A - B) and their mean, sd, standard error and how many A wins."""
+    """Each pair's top-1 difference (A - B) and their mean, sd, standard error and how many A wins; a ValueError
+    where a run is in more than one pair (or on both sides of one)."""
     missing = sorted({name for pair in pairs for name in pair if name not in top1})
     if missing:
         raise KeyError(f"not in the results: {', '.join(missing)}")
+    names = [name for pair in pairs for name in pair]
+    reused = sorted({name for name in names if names.count(name) > 1})
+    if reused:
+        raise ValueError(f"named more than once: {', '.join(reused)}; each run belongs to one pair, else the pairs "
+                         "are not independent and the standard error is too small")
     diffs = [top1[a] - top1[b] for a, b in pairs]
     sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
     return {"pairs": [(a, b, top1[a], top1[b], d) for (a, b), d in zip(pairs, diffs)],

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -39,7 +40,7 @@ def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.T
                   control: nn.Module | None = None) -> dict[str, dict[str, float]]:
     """Per group, ``right`` (the true subtask among the routed branches) and ``wrong``: its image count and
     top-1 (%) as routed (``top1``), with each image sent to its true subtask (``true_route_top1``) and, with
-    ``control``, the control's top-1 on the same images (``control_top1``)."""
+    ``control``, the control's top-1 on the same images (``control_top1``); NaN for a group without images."""
     if hydra.membership.numel() == 0:
         raise HydraError("this HydraNet has no partition, so no image has a true subtask to route to")
     hydra.eval()
@@ -62,7 +63,8 @@ def routing_split(hydra: HydraNet, batches: Iterable[tuple[torch.Tensor, torch.T
             hits[group]["count"] += int(mask.sum())
             for key in keys:
                 hits[group][key] += int((correct[key] & mask).sum())
-    return {g: {"count": h["count"], **{k: 100.0 * h[k] / max(h["count"], 1) for k in keys}} for g, h in hits.items()}
+    return {g: {"count": h["count"], **{k: 100.0 * h[k] / h["count"] if h["count"] else math.nan for k in keys}}
+            for g, h in hits.items()}
 
 
 def design(hydra: HydraNet) -> tuple[int, str]:
@@ -75,14 +77,36 @@ def design(hydra: HydraNet) -> tuple[int, str]:
 
 
 def _share_right(split: dict[str, dict[str, float]]) -> float:
-    return 100.0 * split["right"]["count"] / (split["right"]["count"] + split["wrong"]["count"])
+    total = split["right"]["count"] + split["wrong"]["count"]
+    return 100.0 * split["right"]["count"] / total if total else math.nan
+
+
+def _over(splits: list[dict[str, dict[str, float]]], group: str, value: Callable[[dict[str, float]], float]
+          ) -> list[float]:
+    """``value`` of each split's ``group``, over the splits where that group holds images."""
+    return [value(s[group]) for s in splits if s[group]["count"]]
+
+
+def _vs_control(g: dict[str, float]) -> float:
+    return g["top1"] - g["control_top1"]
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.mean(values):+.2f}" if values else "n/a"
+
+
+def _spread(values: list[float], above: bool) -> str:
+    sd = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "n/a"
+    side = f"above it in {sum(d > 0 for d in values)}" if above else f"below it in {sum(d < 0 for d in values)}"
+    return f"sd {sd}, {side}"
 
 
 def summarise(rows: list[tuple[tuple[int, str], dict[str, dict[str, float]]]]) -> list[str]:
     """One line per design, (B, how the subtasks overlap), over the (design, ``routing_split`` result) rows that
     have a control: the mean share routed right and the mean HydraNet-minus-control top-1 difference on each group,
     in points; with two or more such rows, a last line over all of them: those differences' means, sample sds and
-    signs, and how much a perfect gate lifts the misrouted images on average."""
+    signs, and how much a perfect gate lifts the misrouted images on average. A group without images (every image
+    routed right, say) counts in no mean of that group."""
     pairs = [(d, s) for d, s in rows if "control_top1" in s["right"]]
     by_design: dict[tuple[int, str], list[dict[str, dict[str, float]]]] = {}
     for design, split in pairs:
@@ -90,18 +114,17 @@ def summarise(rows: list[tuple[tuple[int, str], dict[str, dict[str, float]]]]) -
     lines = []
     for (b, overlap), splits in sorted(by_design.items()):
         share = sum(_share_right(s) for s in splits)
-        diff = {g: sum(s[g]["top1"] - s[g]["control_top1"] for s in splits) / len(splits) for g in ("right", "wrong")}
         kind = f", {overlap}" if overlap else ""
         lines.append(f"B={b}{kind}: {len(splits)} pairs, routed right {share / len(splits):.1f}%; against the control "
-                     f"{diff['right']:+.2f} points on the images routed right, {diff['wrong']:+.2f} on the rest")
+                     f"{_mean(_over(splits, 'right', _vs_control))} points on the images routed right, "
+                     f"{_mean(_over(splits, 'wrong', _vs_control))} on the rest")
     if len(pairs) > 1:
-        right = [s["right"]["top1"] - s["right"]["control_top1"] for _, s in pairs]
-        wrong = [s["wrong"]["top1"] - s["wrong"]["control_top1"] for _, s in pairs]
-        lift = sum(s["wrong"]["true_route_top1"] - s["wrong"]["top1"] for _, s in pairs) / len(pairs)
-        lines.append(f"all {len(pairs)} pairs: against the control {statistics.mean(right):+.2f} points on the images "
-                     f"routed right (sd {statistics.stdev(right):.2f}, above it in {sum(d > 0 for d in right)}), "
-                     f"{statistics.mean(wrong):+.2f} on the rest (sd {statistics.stdev(wrong):.2f}, below it in "
-                     f"{sum(d < 0 for d in wrong)}); the true subtask's branch lifts the rest by {lift:+.2f}")
+        splits = [s for _, s in pairs]
+        right, wrong = _over(splits, "right", _vs_control), _over(splits, "wrong", _vs_control)
+        lift = _over(splits, "wrong", lambda g: g["true_route_top1"] - g["top1"])
+        lines.append(f"all {len(pairs)} pairs: against the control {_mean(right)} points on the images routed right "
+                     f"({_spread(right, True)}), {_mean(wrong)} on the rest ({_spread(wrong, False)}); the true "
+                     f"subtask's branch lifts the rest by {_mean(lift)}")
     return lines
 
 

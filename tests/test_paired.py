@@ -36,3 +36,15 @@ def test_paired_refuses_unknown_runs_and_malformed_pairs(results, capsys):
     assert "'h-c' is not a pair: write RUN_A:RUN_B" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="No such file"):
         paired.main([str(results.with_name("missing.json")), "h:c"])
+
+
+def test_paired_refuses_a_run_in_two_pairs(results, capsys):
+    # h:c three times would read as three pairs with sd 0 and standard error 0.00 instead of one pair
+    for pairs in (["h:c", "h:c", "h:c"], ["h:c", "h-s1:c"], ["h:h"]):
+        with pytest.raises(SystemExit, match="named more than once: .*standard error is too small"):
+            paired.main([str(results), *pairs])
+    with pytest.raises(ValueError, match="named more than once: c, h;"):
+        paired.paired_differences({"h": 30.0, "c": 31.0}, [("h", "c"), ("h", "c")])
+    summary = paired.paired_differences({"h": 30.0, "c": 31.0, "h-s1": 32.5, "c-s1": 32.0},
+                                        [("h", "c"), ("h-s1", "c-s1")])
+    assert (summary["n"], summary["mean"], summary["se"]) == (2, -0.25, pytest.approx(1.5 / 2 ** 0.5 / 2 ** 0.5))

@@ -860,3 +860,52 @@ def test_compare_families_against_a_hand_computation():
     apart = compare_families(baseline, [(8, 60), (9, 61)])
     assert apart["shared_cost_range"] is None and apart["equal_cost_gain_mean"] is None
     assert apart["iso_accuracy_saving"] == pytest.approx(4 / 8) and apart["iso_accuracy_at_least"]
+
+
+def test_seed_noise_draws_match_an_independent_simulation():
+    """Every draw redone by hand on the same normal stream (baselines, then HydraNets, in member order): each mean
+    moved by its family's pooled sd / sqrt(runs), the dense frontier's cheapest point within one binomial standard
+    error of its best top-1, the HydraNet frontier interpolated there, an unreached level counting 0."""
+    import math
+    import numpy as np
+    means = [_mean_row("b1", "baseline", 40e6, [31.0, 33.0]), _mean_row("b2", "baseline", 80e6, [33.5]),
+             _mean_row("b3", "baseline", 160e6, [33.0, 34.0, 35.5]), _mean_row("h1", "hydranet", 30e6, [31.5, 32.5]),
+             _mean_row("h2", "hydranet", 60e6, [34.0]), _mean_row("h3", "hydranet", 90e6, [35.0, 36.0])]
+    # variances 2 (1 dof) and 19/12 (2 dof); 0.5 and 0.5 (1 dof each)
+    sd = {"baseline": math.sqrt((2 + 2 * 19 / 12) / 3), "hydranet": math.sqrt((0.5 + 0.5) / 2)}
+
+    def front(points):
+        out = []
+        for cost, acc in sorted(points):
+            if not out or acc > out[-1][1]:
+                out.append((cost, acc))
+        return out
+
+    rng, savings = np.random.default_rng(5), []
+    for _ in range(300):
+        moved = {f: [(m["macs"], m["top1"] + rng.normal() * sd[f] / math.sqrt(len(m["top1_runs"])))
+                     for m in means if m["family"] == f] for f in ("baseline", "hydranet")}
+        b, h = front(moved["baseline"]), front(moved["hydranet"])
+        best = b[-1][1]
+        level_cost, level = next(p for p in b if p[1] >= best - 100 * math.sqrt(best / 100 * (1 - best / 100) / 5000))
+        if h[-1][1] < level:
+            savings.append(0.0)
+            continue
+        if h[0][1] >= level:
+            savings.append(level_cost / h[0][0])
+            continue
+        (c0, a0), (c1, a1) = next((p, q) for p, q in zip(h, h[1:]) if p[1] <= level <= q[1])
+        savings.append(level_cost / (c0 + (level - a0) / (a1 - a0) * (c1 - c0)))
+
+    def percentile(values, q):
+        s = sorted(values)
+        i = q / 100 * (len(s) - 1)
+        return s[math.floor(i)] + (i - math.floor(i)) * (s[math.ceil(i)] - s[math.floor(i)])
+
+    noise = seed_noise(means, 5000, draws=300, seed=5)
+    assert noise["pooled_sd"] == {f: pytest.approx(v) for f, v in sd.items()}
+    assert noise["savings"]["macs"] == {"median": pytest.approx(percentile(savings, 50)),
+                                        "p10": pytest.approx(percentile(savings, 10)),
+                                        "p90": pytest.approx(percentile(savings, 90))}
+    assert noise["share_at_target"]["macs"] == pytest.approx(sum(s >= 2.0 for s in savings) / 300)
+    assert 0 < sum(s == 0 for s in savings) < 300 and 0 < noise["share_at_target"]["macs"] < 1  # both cases drawn

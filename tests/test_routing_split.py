@@ -1,4 +1,6 @@
 """benchmarks/routing_split.py: a HydraNet's top-1 on the images its gate routes right and wrong."""
+import math
+
 import pytest
 import torch
 
@@ -76,3 +78,32 @@ def test_summarise_averages_the_differences_from_the_control_per_design():
         "the rest (sd 0.96, below it in 4); the true subtask's branch lifts the rest by +1.00"]
     assert routing_split.summarise(rows[:1]) == routing_split.summarise(rows[:1] + rows[3:])[:1]
     assert len(routing_split.summarise(rows[:1])) == 1
+
+
+def test_a_group_without_images_has_no_top1_and_counts_in_no_mean():
+    torch.manual_seed(0)
+    one = build_hydranet("resnet_cifar", 10, num_branches=1, topk=1, depth=8, width=0.5, partition=[list(range(10))])
+    _, control, batches, x, y = tiny_hydra_and_control()
+    split = routing_split.routing_split(one, batches, control=control)
+    assert (split["right"]["count"], split["wrong"]["count"]) == (60, 0)  # one branch holds every class
+    assert split["right"]["top1"] == pytest.approx(evaluate(one.eval(), batches)["top1"])
+    assert all(math.isnan(split["wrong"][k]) for k in ("top1", "true_route_top1", "control_top1"))  # not 0.00%
+
+    def split_of(right, wrong, hydra_right, control_right, hydra_wrong, control_wrong, lift):
+        return {"right": {"count": right, "top1": hydra_right, "control_top1": control_right},
+                "wrong": {"count": wrong, "top1": hydra_wrong, "control_top1": control_wrong,
+                          "true_route_top1": hydra_wrong + lift}}
+
+    nan = float("nan")
+    rows = [((8, ""), split_of(30, 70, 40.0, 41.0, 20.0, 23.0, 1.0)),
+            ((8, ""), split_of(40, 60, 44.0, 42.0, 25.0, 26.0, 3.0)),
+            ((8, ""), split_of(100, 0, 50.0, 49.0, nan, nan, nan))]
+    # right: -1, +2, +1 (mean 2/3, sd 1.53); rest, the empty group left out: -3, -1 (mean -2, sd 1.41); lift 1, 3
+    assert routing_split.summarise(rows) == [
+        "B=8: 3 pairs, routed right 56.7%; against the control +0.67 points on the images routed right, -2.00 on the "
+        "rest",
+        "all 3 pairs: against the control +0.67 points on the images routed right (sd 1.53, above it in 2), -2.00 on "
+        "the rest (sd 1.41, below it in 2); the true subtask's branch lifts the rest by +2.00"]
+    assert routing_split.summarise([rows[2], rows[2]])[1] == (
+        "all 2 pairs: against the control +1.00 points on the images routed right (sd 0.00, above it in 2), n/a on the "
+        "rest (sd n/a, below it in 0); the true subtask's branch lifts the rest by n/a")
