@@ -797,3 +797,12 @@ def test_nan_loss_stops_within_twenty_steps_without_a_progress_bar(tmp_path, cap
                          "optim.warmup_epochs=0", "optim.schedule=constant", "data.train_subset=800")
     assert code == 2
     one_error_line(err, "loss became", "epoch 1 (by step 20)")
+
+
+def test_the_loss_shown_every_twenty_steps_does_not_redraw_the_bar_in_a_log_file(tmp_path, capsys):
+    """set_postfix redraws by default: in a log file that was a bar line every 20 steps despite the 60 s interval."""
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", "train.progress=true", "train.epochs=1",
+                         "train.batch_size=8", "data.train_subset=800")
+    assert code == 0
+    bar = [line for line in err.split("\r") if "epoch 1/1" in line]
+    assert len(bar) <= 3, bar

@@ -684,7 +684,8 @@ def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraN
         if i % 20 == 0 or i == steps - 1:  # every process checks the same steps, so all stop together
             _check_finite(distributed.mean_over_ranks(loss_sum, rt), epoch, i, cfg)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                                refresh=False)  # drawn with the next update, at the bar's own interval
         if bar is not None:
             bar.update(1)
     if bar is not None:
