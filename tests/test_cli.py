@@ -185,7 +185,7 @@ def test_partition_bad_input(runs, capsys, tmp_path):
     code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--overlap-balanced")
     assert code == 2 and "pass --overlap too" in one_error_line(err)
     code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "11", "--out", str(tmp_path / "p.json"))
-    assert code == 2 and "11" in one_error_line(err) and "10 classes" in one_error_line(err)
+    assert code == 2 and "11 subtasks (hydra.num_branches, or partition -B) exceed the 10 classes" in one_error_line(err)
     assert not (tmp_path / "p.json").exists()
     code, _, err = run(capsys, "partition", str(tmp_path / "missing"), "-B", "2")
     assert code == 2 and "does not exist" in one_error_line(err)
@@ -354,3 +354,11 @@ def test_eval_times_the_model_as_it_trained(runs, capsys, tmp_path, monkeypatch)
         code, _, err = run(capsys, "eval", str(run_dir), *SPEED)
         assert code == 0, err
         assert seen == [(dtype, True, {"None": True, "None folded": True})]
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+def test_out_as_an_option_points_to_the_override(capsys, tmp_path, command):
+    code, _, err = run(capsys, command, "--out", str(tmp_path / "run"), "train.epochs=1")
+    assert code == 2
+    one_error_line(err, f"the run folder is the override out={tmp_path / 'run'}, not --out")
+    assert not (tmp_path / "run").exists()

@@ -483,10 +483,11 @@ def test_download_file_checks_and_skips(tmp_path, server):
     with pytest.raises(HydraError) as err:
         download_file(f"{url}/blob.bin", other, md5=wrong)
     assert f"{url}/blob.bin" in str(err.value) and good in str(err.value) and wrong in str(err.value)
-    assert list(other.parent.iterdir()) == []
+    assert not other.parent.exists()  # nothing left, not even the folder made for it
+    other.parent.mkdir()
     with pytest.raises(HydraError, match="missing.bin"):
         download_file(f"{url}/missing.bin", other)
-    assert list(other.parent.iterdir()) == []
+    assert list(other.parent.iterdir()) == []  # a folder that was there stays
 
 
 def test_extract_archive_rejects_path_traversal(tmp_path):

@@ -63,7 +63,7 @@ def test_a_broken_download_is_one_error_and_leaves_nothing(tmp_path, url, path, 
     with pytest.raises(HydraError, match=words) as err:
         download_file(url + path, dest, md5=hashlib.md5(PAYLOAD).hexdigest(), progress=False, timeout=5)
     assert "\n" not in str(err.value)
-    assert list(dest.parent.iterdir()) == []
+    assert not dest.parent.exists()  # not even the folder made for it
     # the next try, with the server whole again, fetches and checks the file
     assert download_file(url + "/whole", dest, md5=hashlib.md5(PAYLOAD).hexdigest(), progress=False) == dest
     assert dest.read_bytes() == PAYLOAD and list(dest.parent.iterdir()) == [dest]
@@ -74,3 +74,12 @@ def test_a_damaged_file_in_place_is_fetched_again(tmp_path, url):
     dest.write_bytes(PAYLOAD[:-1] + b"x")  # the right size, the wrong bytes
     download_file(url + "/whole", dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
     assert dest.read_bytes() == PAYLOAD
+
+
+def test_a_failed_download_leaves_no_folder_it_made(url, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kept.txt").write_text("mine")
+    with pytest.raises(HydraError, match="Internal Server Error"):
+        download_file(f"{url}/error", tmp_path / "data" / "cifar" / "new" / "x.tar.gz", progress=False)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["kept.txt"]
+    assert download_file(f"{url}/whole", tmp_path / "data" / "cifar" / "x.bin", progress=False).read_bytes() == PAYLOAD

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -463,6 +464,8 @@ def test_unknown_key_via_cli(tmp_path):
     ("train.epochs=0", ["train.epochs", "integer >= 1", "0"]),
     ("train.threads=-1", ["train.threads", "integer >= 0", "-1"]),
     ("train.batch_size=0", ["train.batch_size", "integer >= 1", "0"]),
+    ("data={name: imagefolder, root: /nowhere, train_subset: 10}", ["train_subset", "not supported", "imagefolder"]),
+    ("hydra={enabled: true, init_from: /nowhere/run, gate_loss: 0}", ["hydra.init_from=/nowhere/run", "does not exist"]),
     ("train.eval_batch_size=0", ["train.eval_batch_size", "integer >= 1", "0"]),
     ("optim.lr=-1", ["optim.lr must be > 0", "-1.0"]),
     ("optim.momentum=1.5", ["optim.momentum must be in [0, 1)", "1.5"]),
@@ -806,3 +809,37 @@ def test_the_loss_shown_every_twenty_steps_does_not_redraw_the_bar_in_a_log_file
     assert code == 0
     bar = [line for line in err.split("\r") if "epoch 1/1" in line]
     assert len(bar) <= 3, bar
+
+
+@pytest.mark.parametrize("override", ["data.train_subset=0", "data.test_subset=-5"])
+def test_a_subset_below_one_image_is_refused(tmp_path, capsys, override):
+    """0 took every image and -5 every image but five, silently."""
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", override)
+    assert code == 2
+    one_error_line(err, f"data.{override.split('.')[1].split('=')[0]} must be an integer >= 1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_number_of_epochs_is_refused(tmp_path, capsys):
+    """The one-cycle schedule follows train.epochs: a run resumed with another count jumped along its schedule (a
+    constant schedule may be resumed longer: test_resume_keeps_the_precision_the_run_started_in)."""
+    out = tmp_path / "run"
+    code, _ = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "train.keep_epochs=[1]")
+    assert code == 0
+    shutil.copy(out / "checkpoints" / "epoch1.pt", out / CHECKPOINT)
+    (out / "summary.json").unlink()
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=4", "--resume")
+    assert code == 2
+    one_error_line(err, "was made with train.epochs=2, not 4", "onecycle", "--overwrite")
+    (out / "summary.json").write_text("{}")
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=4", "--resume")  # it said 'nothing to do'
+    assert code == 2
+    one_error_line(err, "finished its train.epochs=2", "not extended", "--overwrite")
+
+
+def test_the_nan_error_starts_its_own_line_after_a_progress_bar(tmp_path, capsys):
+    code, err = run_main(capsys, *BASE, f"out={tmp_path / 'run'}", "train.epochs=1", "optim.lr=1e30",
+                         "optim.warmup_epochs=0", "optim.schedule=constant", "data.train_subset=64",
+                         "train.progress=true")
+    assert code == 2 and "epoch 1/1" in err
+    assert re.search(r"(^|[\r\n])error: loss became", err), err[-300:]

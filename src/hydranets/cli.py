@@ -33,6 +33,8 @@ def write_json(data: object, path: Path) -> None:
 
 def _config(args):
     from .config import load_config
+    if args.out is not None:
+        raise HydraError(f"the run folder is the override out={args.out}, not --out {args.out}")
     return load_config(args.config, args.overrides)
 
 
@@ -95,7 +97,7 @@ def cmd_eval(args) -> None:
                           images=first_images(batches, args.speed_batch), channels_last=cfg.train.channels_last)
     print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
     print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'true route':>12}{'shuffled':>10}{'MMACs':>9}"
-          f"{'params(M)':>11}{'images/s':>10}{'folded':>8}")
+          f"{'active(M)':>11}{'images/s':>10}{'folded':>8}")
     for r, k in zip(rows, ks):
         r["images_per_s"] = speed[str(k)]["images_per_s"]
         r["images_per_s_folded"] = speed[f"{k} folded"]["images_per_s"]
@@ -106,6 +108,7 @@ def cmd_eval(args) -> None:
               f"{r['images_per_s_folded']:>8.0f}")
     print(f"images/s at batch {args.speed_batch}: as trained, and folded (batch norms folded into the convolutions "
           "before them, hydranets.fold_batchnorms: the same outputs, as deployed)")
+    print("active(M): millions of parameters that run for an image (of a HydraNet: its stem, gate and k branches)")
     if hydra:
         print("true route: top-1 with each image's true subtask among its k branches (a perfect gate); shuffled: "
               "top-1 with each chosen branch replaced by the next one (near top-1: routing adds nothing)")
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p):
         p.add_argument("--config", help="YAML config (see configs/)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 model.name=resnet32")
+        p.add_argument("--out", help=argparse.SUPPRESS)
 
     p = sub.add_parser("train", help="train a baseline or a HydraNet into a run folder")
     with_config(p)

@@ -97,8 +97,8 @@ def compute_partition(cfg: Config, baseline_run: str | Path, out_file: str | Pat
     run_cfg = config_from_dict(ckpt["config"])
     train_set, _ = load_data(run_cfg)
     if num_subsets > len(train_set.classes):
-        raise HydraError(f"hydra.num_branches={num_subsets} exceeds the {len(train_set.classes)} classes of "
-                         f"{run_cfg.data.name}; choose at most that many subtasks")
+        raise HydraError(f"{num_subsets} subtasks (hydra.num_branches, or partition -B) exceed the "
+                         f"{len(train_set.classes)} classes of {run_cfg.data.name}; choose at most that many")
     batches = BatchLoader(train_set, cfg.train.eval_batch_size, train=False, device=_device(cfg),
                           channels_last=cfg.train.channels_last)
     ev = evaluate(model, batches, precision=cfg.train.precision, collect_probs=True)

@@ -48,9 +48,14 @@ CHECKPOINT = "checkpoints/last.pt"
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     """Train and test splits as in-memory :class:`~hydranets.data.ImageDataset`."""
     d = cfg.data
+    for key in ("train_subset", "test_subset"):
+        n = getattr(d, key)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise HydraError(f"data.{key} must be an integer >= 1 (or null for every image), got {n!r}")
     if d.name == "imagefolder":
-        raise HydraError("data.name=imagefolder is read lazily from disk and cannot be loaded into memory here; "
-                         "use it with `hydranets train`")
+        raise HydraError("data.name=imagefolder is read lazily from disk, by `hydranets train` and `predict` only; "
+                         "this command needs a data set held in memory (cifar10, cifar100, tiny-imagenet, "
+                         "fashion-mnist, synthetic)")
     if d.name == "synthetic":
         from .data.synthetic import synthetic_splits
         train_set, test_set = synthetic_splits(d.classes or 10)
@@ -74,6 +79,9 @@ def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterab
         from .data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, FolderBatches
         if d.root is None:
             raise HydraError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
+        if d.train_subset or d.test_subset:
+            raise HydraError("data.train_subset and data.test_subset are not supported with data.name=imagefolder; "
+                             "point data.root at a smaller folder instead")
         common = dict(image_size=d.image_size, workers=d.workers, device=rt.device, channels_last=t.channels_last)
         train_b = FolderBatches(d.root, "train", per_rank, True, seed=t.seed, rank=rt.rank, world_size=rt.world_size,
                                 **common)
@@ -189,7 +197,10 @@ def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> 
     A HydraNet checkpoint (fewer branches, same shape) is copied whole (``upcycle`` True or None):
     see :func:`upcycle_branches`.
     """
-    ckpt = load_checkpoint(resolve_checkpoint(path))
+    file = resolve_checkpoint(path)
+    if not file.exists():
+        raise HydraError(f"hydra.init_from={path}: {file} does not exist; train that run first or fix the path")
+    ckpt = load_checkpoint(file)
     theirs = ckpt["model"]
     if any(k.startswith("branches.") for k in theirs):
         if upcycle is False:
@@ -382,7 +393,15 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
                         and not (finished and k in _LOCATIONS)]
                 if diff:
                     raise HydraError(f"run folder {out} was made with {section}.{diff[0]}={a[diff[0]]!r}, "
-                                     f"not {b[diff[0]]!r}; resume with the same config or use another --out")
+                                     f"not {b[diff[0]]!r}; resume with the same config or choose another out=")
+            was, now = old.train.epochs, cfg.train.epochs
+            if was != now and finished:
+                raise HydraError(f"run folder {out} holds a run that finished its train.epochs={was}; a finished run "
+                                 f"is not extended: train {now} epochs in a new run (another out=) or with --overwrite")
+            if was != now and cfg.optim.schedule != "constant" and cfg.optim.schedule_epochs is None:
+                raise HydraError(f"run folder {out} was made with train.epochs={was}, not {now}; its "
+                                 f"{cfg.optim.schedule} learning-rate schedule follows it, so resume with "
+                                 f"train.epochs={was}, or start again with --overwrite")
     elif finished:
         raise HydraError(f"run folder {out} already holds a finished run; pass --resume (nothing to do) or "
                          "--overwrite, or choose another out=")
@@ -682,7 +701,12 @@ def train_one_epoch(cfg: Config, net: nn.Module, model: nn.Module, hydra: HydraN
         optimizer.zero_grad(set_to_none=True)
         seen += y.shape[0]
         if i % 20 == 0 or i == steps - 1:  # every process checks the same steps, so all stop together
-            _check_finite(distributed.mean_over_ranks(loss_sum, rt), epoch, i, cfg)
+            try:
+                _check_finite(distributed.mean_over_ranks(loss_sum, rt), epoch, i, cfg)
+            except HydraError:
+                if bar is not None:
+                    bar.close()  # the error line then starts a line of its own
+                raise
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                                 refresh=False)  # drawn with the next update, at the bar's own interval

@@ -149,7 +149,8 @@ def _dataset_key(name: str) -> str:
     key = {"tinyimagenet": "tiny-imagenet", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
            "cifar-100": "cifar100"}.get(key, key)
     if key not in DATASET_NAMES:
-        raise HydraError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        raise HydraError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)} (data.name= also "
+                         "takes synthetic and imagefolder)")
     return key
 
 
@@ -212,7 +213,7 @@ def _cifar_folder(key: str, root: str | Path | None, download: bool, cache_dir: 
                              f"version from {url}")
         return dest / folder
     raise HydraError(f"{key}: {archive.parent / folder} not found (nor {archive.name} beside it); pass "
-                     f"download=True to fetch {url}, or root= the folder that holds {folder}/")
+                     f"download=True (data.download=true) to fetch {url}, or root= (data.root=) the folder that holds {folder}/")
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -239,7 +240,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def _read_pickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise HydraError(f"{path} not found; the CIFAR folder is incomplete: delete it and extract or download "
-                         "the archive again (download=True)")
+                         "the archive again (download=True, data.download=true)")
     try:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
@@ -314,8 +315,9 @@ def _fashion_file(name: str, dirs: Sequence[Path], download: bool, download_dir:
     if download:
         return download_file(url, download_dir / f"{name}.gz", md5=FASHION_MNIST_MD5.get(f"{name}.gz"))
     where = " or ".join(str(d) for d in dirs)
-    raise HydraError(f"fashion-mnist: {name}.gz not found in {where}; pass download=True, install the Debian "
-                     "package (apt-get install dataset-fashion-mnist), or pass root= the folder with the idx files")
+    raise HydraError(f"fashion-mnist: {name}.gz not found in {where}; pass download=True (data.download=true), "
+                     "install the Debian package (apt-get install dataset-fashion-mnist), or pass root= (data.root=) "
+                     "the folder with the idx files")
 
 
 def read_idx(path: str | Path, ndim: int) -> np.ndarray:
@@ -379,7 +381,7 @@ def _tiny_source(root: str | Path | None, cache_dir: str | Path | None) -> Path:
         if archives:
             return archives[0]
     raise HydraError(f"tiny-imagenet: no tiny-imagenet-200/ folder or tiny-imagenet*.tar.gz at {base}; pass "
-                     "root= the extracted folder, its parent or the archive (it cannot be downloaded)")
+                     "root= (data.root=) the extracted folder, its parent or the archive (it cannot be downloaded)")
 
 
 def _source_key(source: Path) -> str:

@@ -75,6 +75,7 @@ def download_file(url: str, dest: str | Path, md5: str | None = None, sha256: st
     if dest.is_file():
         if check is None or file_digest(dest, check[0]) == check[1]:
             return dest
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -120,6 +121,11 @@ def download_file(url: str, dest: str | Path, md5: str | None = None, sha256: st
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        for d in made:  # the folders made for it, deepest first, where still empty: a failure leaves nothing
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     return dest
 
