@@ -766,3 +766,34 @@ def test_folder_batches_crops_survive_a_resume_and_any_worker_count(tmp_path):
     assert torch.equal(epochs([2], workers=1)[0], continuous[2])
     assert torch.equal(epochs([2], workers=2)[0], continuous[2])
     assert torch.equal(epochs([1], workers=0)[0], continuous[1])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_a_places_augmentation_is_the_same_for_every_world_size(world_size, drop_last):
+    """Rank r's row j of batch b is global place ws*(b*bs + j) + r: it must hold the image, crop, flip and cutout
+    that one process gives that place, also when the ranks' share of n = 11 images is padded or cut."""
+    from hydranets.data.datasets import ImageDataset
+    from hydranets.data.loader import BatchLoader
+    n, bs = 11, 2
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = ImageDataset(images, torch.arange(n), [f"c{i}" for i in range(n)], (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+
+    def places(rank: int, ws: int, batch: int) -> dict[int, tuple[torch.Tensor, int]]:
+        loader = BatchLoader(ds, batch, train=True, seed=3, cutout=3, drop_last=drop_last, rank=rank,
+                             world_size=ws, prefetch=False, channels_last=False)
+        loader.set_epoch(1)
+        return {ws * (b * batch + j) + rank: (x[j], int(y[j]))
+                for b, (x, y) in enumerate(loader) for j in range(len(y))}
+
+    one = places(0, 1, bs * world_size)
+    ranks = {}
+    for r in range(world_size):
+        ranks.update(places(r, world_size, bs))
+    shared = sorted(p for p in one if p in ranks)
+    assert len(shared) >= 6
+    for p in shared:
+        assert ranks[p][1] == one[p][1], p
+        torch.testing.assert_close(ranks[p][0], one[p][0], rtol=0, atol=0, msg=f"place {p}")
+    if not drop_last:  # padded to a multiple of the world size: every image at least once
+        assert {label for _, label in ranks.values()} == set(range(n))

@@ -495,3 +495,43 @@ def test_ghost_branch_norms_normalise_training_groups_on_their_own_and_keep_ties
         out = out[len(group):]
     with pytest.raises(HydraError, match="integer >= 2"):
         ghost_branch_norms(one.branches, 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"feature_dim": 0}, "feature_dim must be a positive integer"),   # was taken as 'the backbone's'
+    ({"num_branches": True}, "num_branches must be a positive integer"),
+    ({"topk": True}, "topk must be an integer"),
+    ({"split": True}, "split must be a stage index"),
+    ({"split": 1.5}, "split must be a stage index"),
+    ({"branch_width": float("inf")}, "branch_width must be a positive number"),
+    ({"gate_width": float("nan")}, "gate_width must be a positive number"),
+])
+def test_build_settings_of_the_wrong_kind_are_clear_errors(kwargs, match):
+    with pytest.raises(HydraError, match=match):
+        build_hydranet("resnet_cifar", **{"num_classes": 8, "num_branches": 4, "topk": 2, "depth": 8, "width": 0.25,
+                                          **kwargs})
+
+
+def test_backbone_settings_with_a_built_backbone_are_refused():
+    """With a built backbone, width= etc. once did nothing, silently."""
+    base = create_model("resnet_cifar", num_classes=8, depth=8, width=0.25)
+    with pytest.raises(HydraError, match="width apply only to a backbone given by name"):
+        build_hydranet(base, 8, num_branches=2, topk=1, width=0.5)
+    assert build_hydranet(base, 8, num_branches=2, topk=1).branches[0][-1].in_features == 8  # 64 x 0.25 x 0.5
+
+
+def test_force_of_another_shape_is_refused(hydra):
+    """A force of shape (B,) once broadcast over every image."""
+    x = torch.randn(3, 3, 32, 32)
+    with pytest.raises(HydraError, match=r"force must be \(N, B\) = \(3, 8\)"):
+        hydra(x, force=torch.eye(B)[5])
+    force = torch.zeros(3, B, dtype=torch.bool)
+    force[[0, 1, 2], [5, 1, 7]] = True
+    with torch.no_grad():
+        route = hydra(x, topk=2, force=force, return_gate=True).route
+        scores = hydra.gate(hydra.stem(x))
+    assert route[:, 0].tolist() == [5, 1, 7]
+    for i, first in enumerate([5, 1, 7]):
+        rest = scores[i].clone()
+        rest[first] = -float("inf")
+        assert route[i, 1] == rest.argmax()

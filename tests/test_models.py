@@ -74,3 +74,16 @@ def test_wrong_input_shape_is_one_clear_error():
         create_model("resnet20", num_classes=10)(torch.zeros(2, 1, 32, 32))
     with pytest.raises(HydraError, match="expected input"):
         hydranets.build_hydranet("resnet20", 10, 4, 1)(torch.zeros(3, 32, 32))
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet_cifar", {"depth": 8, "width": 0}), ("resnet_cifar", {"depth": 8, "width": -1.0}),
+    ("resnet_cifar", {"depth": 8, "width": float("nan")}), ("resnet20", {"width": float("inf")}),
+    ("densenet_bc", {"depth": 10, "growth": 0}),
+    ("ressep", {"widths": (8, 8, 8, 8), "depth": 0}), ("ressep", {"widths": (), "depth": 1}),
+])
+def test_settings_that_make_no_network_are_clear_errors(name, kwargs):
+    """Width 0 or below once gave a network of 1-channel layers; ResSep depth 0 one that failed on its first batch."""
+    with pytest.raises(HydraError, match="must be a positive|ResSep needs"):
+        create_model(name, num_classes=4, **kwargs)
+

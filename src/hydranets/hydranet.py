@@ -11,6 +11,8 @@ and rebuilds the stages after the split as B narrower branches and one narrow ga
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -125,7 +127,12 @@ class HydraNet(nn.Module):
         if route is None and routing == "topk":
             k = self.topk if topk is None else _check_topk(topk, self.num_branches)
             scores = gate_logits.detach().float()
-            route = topk_route(scores if force is None else scores + 1e4 * force, k)
+            if force is not None:
+                if force.shape != gate_logits.shape:
+                    raise HydraError(f"force must be (N, B) = {tuple(gate_logits.shape)} (1 for each branch to put "
+                                     f"first), got {tuple(force.shape)}")
+                scores = scores + 1e4 * force.to(scores.device, scores.dtype)
+            route = topk_route(scores, k)
         if route is None:
             combined = run_all(feats, self.branches, self._weights(gate_logits, None))
         else:
@@ -149,7 +156,7 @@ def _check_route(route: torch.Tensor, n: int, num_branches: int) -> torch.Tensor
 
 
 def _check_topk(k: int, num_branches: int) -> int:
-    if not isinstance(k, int) or not 1 <= k <= num_branches:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_branches:
         raise HydraError(f"topk must be an integer from 1 to the number of branches ({num_branches}), got {k!r}")
     return k
 
@@ -185,9 +192,12 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
+    elif backbone_kwargs:
+        raise HydraError(f"the backbone settings {', '.join(sorted(backbone_kwargs))} apply only to a backbone "
+                         "given by name; this one is already built")
     if not isinstance(backbone, Backbone):
         raise HydraError(f"build_hydranet needs a staged Backbone, got {type(backbone).__name__}")
-    if not isinstance(num_branches, int) or num_branches < 1:
+    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
         raise HydraError(f"num_branches must be a positive integer, got {num_branches!r}")
     if num_branches > num_classes:
         raise HydraError(f"num_branches ({num_branches}) exceeds the number of classes ({num_classes}); "
@@ -198,12 +208,14 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
                          "set share_branch_weights too")
     plan, n = backbone.plan, backbone.plan.num_stages
     split = n - 1 if split is None else split
-    if not 1 <= split < n:
+    if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split < n:
         raise HydraError(f"split must be a stage index from 1 to {n - 1} for this backbone, got {split}")
     for name, w in (("stem_width", stem_width), ("branch_width", branch_width), ("gate_width", gate_width)):
-        if not w > 0:
-            raise HydraError(f"{name} must be positive, got {w}")
-    feature_dim = feature_dim or backbone.num_features
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w < math.inf:
+            raise HydraError(f"{name} must be a positive number, got {w!r}")
+    feature_dim = backbone.num_features if feature_dim is None else feature_dim
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+        raise HydraError(f"feature_dim must be a positive integer (or None for the backbone's), got {feature_dim!r}")
     p = as_partition(partition, num_classes) if partition is not None else None
     if p is not None and p.num_subsets != num_branches:
         raise HydraError(f"partition has {p.num_subsets} subsets but num_branches is {num_branches}")

@@ -128,20 +128,32 @@ class BatchLoader:
         if total > n:
             order = order.repeat(math.ceil(total / n))
         order = order[:total]
-        offsets = flips = holes = None
-        _, _, h, w = self.dataset.images.shape
-        if self.augment == "crop_flip":
-            offsets = torch.randint(0, 2 * self.padding + 1, (total, 2), generator=g)
-            flips = torch.randint(0, 2, (total,), generator=g).bool()
-        if self.cutout:
-            holes = torch.stack([torch.randint(0, h, (total,), generator=g),
-                                 torch.randint(0, w, (total,), generator=g)], 1)
+        # drawn for the n places of one process first, so a place's augmentation is the same for every world size
+        offsets, flips, holes = self._draw_augmentation(g, n)
+        if total > n:
+            extra = self._draw_augmentation(g, total - n)
+            offsets, flips, holes = (None if a is None else torch.cat([a, b])
+                                     for a, b in zip((offsets, flips, holes), extra))
+        offsets, flips, holes = (None if a is None else a[:total] for a in (offsets, flips, holes))
         shard = slice(self.rank, total, self.world_size)
         plan = _EpochPlan(order[shard].contiguous(), None if offsets is None else offsets[shard].contiguous(),
                           None if flips is None else flips[shard].contiguous(),
                           None if holes is None else holes[shard].contiguous())
         self._plan = (self.epoch, plan)
         return plan
+
+    def _draw_augmentation(self, g: torch.Generator, count: int
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Crop offsets, flips and cutout centres for ``count`` places, in that order from ``g``."""
+        offsets = flips = holes = None
+        _, _, h, w = self.dataset.images.shape
+        if self.augment == "crop_flip":
+            offsets = torch.randint(0, 2 * self.padding + 1, (count, 2), generator=g)
+            flips = torch.randint(0, 2, (count,), generator=g).bool()
+        if self.cutout:
+            holes = torch.stack([torch.randint(0, h, (count,), generator=g),
+                                 torch.randint(0, w, (count,), generator=g)], 1)
+        return offsets, flips, holes
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = self._epoch_plan()

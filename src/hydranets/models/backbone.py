@@ -1,6 +1,8 @@
 """The staged backbone that every model family builds on, and that the HydraNet template splits."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Protocol
 
 import torch
@@ -63,6 +65,8 @@ class Backbone(nn.Module):
 
     def __init__(self, plan: StagePlan, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width < math.inf:
+            raise HydraError(f"width must be a positive number (a multiplier of the family's widths), got {width!r}")
         self.plan = plan
         self.width = width
         self.in_chans = plan.in_chans

@@ -62,6 +62,8 @@ def densenet_bc(num_classes: int = 100, depth: int = 100, growth: int = 12, widt
     """DenseNet-BC of depth 6n+4 and growth rate k."""
     if depth < 10 or (depth - 4) % 6:
         raise HydraError(f"DenseNet-BC depth must be 6n+4 (40, 100, 190, ...), got {depth}")
+    if isinstance(growth, bool) or not isinstance(growth, int) or growth < 1:
+        raise HydraError(f"DenseNet-BC growth rate must be a positive integer, got {growth!r}")
     return Backbone(DenseNetPlan((depth - 4) // 6, growth, in_chans=in_chans), num_classes, width)
 
 
