@@ -1,4 +1,8 @@
-"""The one exception type that hydranets raises for bad input."""
+"""The one exception type that hydranets raises for bad input, and the checks its messages rest on."""
+from __future__ import annotations
+
+import math
+import numbers
 
 
 class HydraError(ValueError):
@@ -6,3 +10,13 @@ class HydraError(ValueError):
 
     The CLI prints it as ``error: <message>`` and exits with status 2.
     """
+
+
+def is_whole(v: object, least: int = 1) -> bool:
+    """Whether ``v`` is an int (not a bool) of at least ``least``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def is_positive_real(v: object) -> bool:
+    """Whether ``v`` is a finite real number above 0 (not a bool)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf

@@ -11,14 +11,12 @@ and rebuilds the stages after the split as B narrower branches and one narrow ga
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 
-from .errors import HydraError
+from .errors import HydraError, is_positive_real, is_whole
 from .models.backbone import Backbone, build_stages, check_input, init_weights
 from .partition import Partition, as_partition
 from .registry import create_model, register_model
@@ -156,7 +154,7 @@ def _check_route(route: torch.Tensor, n: int, num_branches: int) -> torch.Tensor
 
 
 def _check_topk(k: int, num_branches: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_branches:
+    if not is_whole(k) or k > num_branches:
         raise HydraError(f"topk must be an integer from 1 to the number of branches ({num_branches}), got {k!r}")
     return k
 
@@ -197,7 +195,7 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
                          "given by name; this one is already built")
     if not isinstance(backbone, Backbone):
         raise HydraError(f"build_hydranet needs a staged Backbone, got {type(backbone).__name__}")
-    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
+    if not is_whole(num_branches):
         raise HydraError(f"num_branches must be a positive integer, got {num_branches!r}")
     if num_branches > num_classes:
         raise HydraError(f"num_branches ({num_branches}) exceeds the number of classes ({num_classes}); "
@@ -208,13 +206,13 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
                          "set share_branch_weights too")
     plan, n = backbone.plan, backbone.plan.num_stages
     split = n - 1 if split is None else split
-    if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split < n:
+    if not is_whole(split) or split >= n:
         raise HydraError(f"split must be a stage index from 1 to {n - 1} for this backbone, got {split}")
     for name, w in (("stem_width", stem_width), ("branch_width", branch_width), ("gate_width", gate_width)):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w < math.inf:
+        if not is_positive_real(w):
             raise HydraError(f"{name} must be a positive number, got {w!r}")
     feature_dim = backbone.num_features if feature_dim is None else feature_dim
-    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+    if not is_whole(feature_dim):
         raise HydraError(f"feature_dim must be a positive integer (or None for the backbone's), got {feature_dim!r}")
     p = as_partition(partition, num_classes) if partition is not None else None
     if p is not None and p.num_subsets != num_branches:

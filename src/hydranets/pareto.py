@@ -21,7 +21,7 @@ import torch
 from .checkpoint import atomic_write_text, load_checkpoint
 from .config import Config, PartitionConfig, _merge, config_from_dict
 from .cost import compare_speed, count_params, first_images, model_macs
-from .errors import HydraError
+from .errors import HydraError, is_whole
 from .evaluate import AUTOCAST_DTYPES, evaluate, resolve_precision, subtask_recall
 from .machine import describe, machine_info
 from .partition import Partition, partition_filename
@@ -31,10 +31,6 @@ from .train import kept_checkpoint, load_data, load_trained, resolve_checkpoint,
 PROTOCOL_KEYS = {"protocol", "out", "base", "baselines", "partition_from", "hydranets", "ablations",
                  "checks", "repeats", "speed_batches", "speed_repeats", "fold_batchnorms"}
 ENTRY_LISTS = ("baselines", "hydranets", "ablations", "checks", "repeats")
-
-
-def _whole(v: object, least: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -71,10 +67,10 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
     if not isinstance(proto.get("fold_batchnorms", True), bool):
         raise HydraError(f"protocol {path}: fold_batchnorms must be true or false, got {proto['fold_batchnorms']!r}")
     batches = proto.get("speed_batches", [256, 1])
-    if not isinstance(batches, list) or not batches or not all(_whole(b) for b in batches):
+    if not isinstance(batches, list) or not batches or not all(is_whole(b) for b in batches):
         raise HydraError(f"protocol {path}: speed_batches must be a list of batch sizes >= 1, e.g. [256, 1], "
                          f"got {batches!r}")
-    if not _whole(proto.get("speed_repeats", 5)):
+    if not is_whole(proto.get("speed_repeats", 5)):
         raise HydraError(f"protocol {path}: speed_repeats must be a whole number >= 1, got {proto['speed_repeats']!r}")
     proto["base"] = _merge(proto["base"], parse_overrides(overrides or []))
     if "out" in proto["base"]:

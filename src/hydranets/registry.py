@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .errors import HydraError
+from .errors import HydraError, is_whole
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -35,6 +35,6 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see hydranets.list_models()"
         raise HydraError(f"unknown model {name!r}{hint}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_whole(num_classes):
         raise HydraError(f"num_classes must be a positive integer, got {num_classes!r}")
     return _MODELS[name](num_classes=num_classes, **kwargs)

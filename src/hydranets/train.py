@@ -30,7 +30,7 @@ from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_
                          load_state, save_safetensors)
 from .config import Config, OptimConfig, config_from_dict, save_config
 from .data.inputs import InputSpec
-from .errors import HydraError
+from .errors import HydraError, is_whole
 from .evaluate import autocast_for, evaluate, resolve_precision
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
 from .machine import machine_info
@@ -50,7 +50,7 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
     for key in ("train_subset", "test_subset"):
         n = getattr(d, key)
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        if n is not None and not is_whole(n):
             raise HydraError(f"data.{key} must be an integer >= 1 (or null for every image), got {n!r}")
     if d.name == "imagefolder":
         raise HydraError("data.name=imagefolder is read lazily from disk, by `hydranets train` and `predict` only; "
@@ -512,7 +512,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         return json.loads((out / "summary.json").read_text())
     for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("accum_steps", 1), ("threads", 0)):
         value = getattr(t, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_whole(value, least):
             raise HydraError(f"train.{key} must be an integer >= {least}, got {value!r}")
     check_optim(cfg.optim)
     t.precision = run_precision(out, t.precision, rt.device, resume, say=rt.is_main)

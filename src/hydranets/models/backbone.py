@@ -1,14 +1,12 @@
 """The staged backbone that every model family builds on, and that the HydraNet template splits."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-from ..errors import HydraError
+from ..errors import HydraError, is_positive_real
 
 
 class StagePlan(Protocol):
@@ -65,7 +63,7 @@ class Backbone(nn.Module):
 
     def __init__(self, plan: StagePlan, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width < math.inf:
+        if not is_positive_real(width):
             raise HydraError(f"width must be a positive number (a multiplier of the family's widths), got {width!r}")
         self.plan = plan
         self.width = width

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import HydraError
+from ..errors import HydraError, is_whole
 from ..registry import register_model
 from .backbone import Backbone, scaled
 
@@ -62,7 +62,7 @@ def densenet_bc(num_classes: int = 100, depth: int = 100, growth: int = 12, widt
     """DenseNet-BC of depth 6n+4 and growth rate k."""
     if depth < 10 or (depth - 4) % 6:
         raise HydraError(f"DenseNet-BC depth must be 6n+4 (40, 100, 190, ...), got {depth}")
-    if isinstance(growth, bool) or not isinstance(growth, int) or growth < 1:
+    if not is_whole(growth):
         raise HydraError(f"DenseNet-BC growth rate must be a positive integer, got {growth!r}")
     return Backbone(DenseNetPlan((depth - 4) // 6, growth, in_chans=in_chans), num_classes, width)
 

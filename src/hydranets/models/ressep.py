@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import HydraError
+from ..errors import HydraError, is_whole
 from ..registry import register_model
 from .backbone import Backbone, scaled
 
@@ -62,7 +62,7 @@ class ResSepPlan:
 def ressep(num_classes: int = 1000, widths: tuple[int, ...] = (128, 256, 512, 1024), depth: int = 2,
            width: float = 1.0, in_chans: int = 3) -> Backbone:
     """ResSep for 224x224 input; ``widths`` per stage and ``depth`` (d) blocks per stage are settings."""
-    if not widths or isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    if not widths or not is_whole(depth):
         raise HydraError(f"ResSep needs at least one stage width and depth >= 1 blocks per stage, "
                          f"got widths={tuple(widths)}, depth={depth!r}")
     return Backbone(ResSepPlan(tuple(widths), depth, in_chans=in_chans), num_classes, width)
