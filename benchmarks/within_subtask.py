@@ -55,7 +55,9 @@ def within_subtask(hydra: HydraNet, control: nn.Module, batches: Iterable[tuple[
         for key, scores in (("specialist_within", forced), ("control_within", other)):
             hits[key] += int((scores.masked_fill(~inside, float("-inf")).argmax(1) == y).sum())
         count += y.numel()
-    return {"count": count, **{k: 100.0 * v / max(count, 1) for k, v in hits.items()}}
+    if not count:
+        raise HydraError("within_subtask got no images: pass the test batches")
+    return {"count": count, **{k: 100.0 * v / count for k, v in hits.items()}}
 
 
 def summarise(rows: list[tuple[tuple[int, str], dict[str, float]]]) -> list[str]:

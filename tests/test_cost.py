@@ -1,11 +1,13 @@
 """Counted and timed cost: MACs and throughput of models in other dtypes, the models left as they were."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
 from hydranets import build_hydranet, create_model
 from hydranets.cost import compare_speed, model_macs
+from hydranets.errors import HydraError
 
 
 def _by_hand(model: nn.Module, x: torch.Tensor) -> float:
@@ -50,3 +52,15 @@ def test_compare_speed_leaves_each_model_in_its_mode():
                           (3, 8, 8), 2, repeats=1, warmup=0, min_time=0)
     assert all(s["images_per_s"] > 0 for s in speed.values())
     assert all(m.training for m in hydra.modules()) and not any(m.training for m in dense.modules())
+
+
+def test_timing_waits_for_any_accelerator(monkeypatch):
+    """compare_speed's clock waits for queued work on MPS/XPU too, not only on CUDA (launches are not work)."""
+    from hydranets.cost import _sync
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    _sync(torch.device("mps"))
+    _sync(torch.device("cpu"))
+    assert calls == ["mps"]
+    with pytest.raises(HydraError, match="cannot time on device meta"):
+        _sync(torch.device("meta"))

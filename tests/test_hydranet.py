@@ -341,6 +341,15 @@ def test_balance_loss_by_hand():
     assert top2.item() == pytest.approx(4 * 0.25 * (0.5 + 3 / 6))
 
 
+def test_balance_loss_of_an_empty_batch_is_zero_not_nan():
+    from hydranets.routing import balance_loss
+    logits = torch.zeros(0, 4, requires_grad=True)
+    loss = balance_loss(logits, torch.zeros(0, 1, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.shape == (0, 4)
+
+
 def test_speed_is_timed_on_the_given_images():
     from hydranets.cost import compare_speed, first_images
 

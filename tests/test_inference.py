@@ -137,6 +137,32 @@ def test_pairs_with_forward_hooks_are_not_folded():
     assert len(seen) == 2  # the batch norm's hook ran in the folded copy too
 
 
+class _ConvNorm(nn.Sequential):
+    """A conv-norm-activation block as torchvision writes it: a Sequential subclass with Sequential's forward."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _Residual(nn.Sequential):
+    """A Sequential subclass with its own forward (adds its input): its layers do not simply run in order."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def test_sequential_subclasses_are_folded_only_where_they_keep_sequentials_forward():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    plain = _trained_looking(nn.Sequential(_ConvNorm(4, 6), _ConvNorm(6, 4)))
+    odd = _trained_looking(nn.Sequential(_Residual(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.ReLU()))
+    for model, pairs in ((plain, 2), (odd, 0)):  # a forward of its own could use its layers in any way: left alone
+        folded, count = fold_batchnorms(model)
+        with torch.no_grad():
+            assert count == pairs and torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(fold_batchnorms(plain)[0][0][1], nn.Identity)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_reduced_precision_model_is_folded_in_float32(dtype):
     """Its folded weights are the float32 fold of its own weights, rounded once (folding in bf16 rounds each step)."""

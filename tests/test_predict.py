@@ -197,18 +197,21 @@ def test_cli_predict_bad_input(runs, capsys, tmp_path):
     one_error_line(err, "does not exist")
 
 
-def _synced_replaces(monkeypatch) -> list[tuple[str, bool]]:
-    """Spy on os.replace: (target name, whether the file renamed had been fsynced) for each call."""
+def _synced_replaces(monkeypatch) -> list[tuple[str, bool, int | None]]:
+    """Spy on os.replace: (target name, whether the file renamed had been fsynced, its folder's inode) for each
+    call, then ("folder synced", True, None) once the folder holding it is fsynced after the rename."""
     import os
     synced, replaced = set(), []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
         synced.add(os.fstat(fd).st_ino)
+        if replaced and replaced[-1][0] != "folder synced" and os.fstat(fd).st_ino == replaced[-1][2]:
+            replaced.append(("folder synced", True, None))
         return real_fsync(fd)
 
     def replace(src, dst):
-        replaced.append((os.path.basename(dst), os.stat(src).st_ino in synced))
+        replaced.append((os.path.basename(dst), os.stat(src).st_ino in synced, os.stat(os.path.dirname(dst)).st_ino))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -223,7 +226,9 @@ def test_saved_files_are_synced_before_they_replace_the_old_ones(tmp_path, monke
     atomic_write_text('{"epoch": 1}\n', tmp_path / "metrics.jsonl")
     save_safetensors(model, tmp_path / "model.safetensors", {"model_info": {"name": "resnet_cifar"}})
     atomic_save({"model": model.state_dict()}, tmp_path / "last.pt")
-    assert replaced == [("metrics.jsonl", True), ("model.safetensors", True), ("last.pt", True)]
+    assert [r[:2] for r in replaced] == [("metrics.jsonl", True), ("folder synced", True),
+                                         ("model.safetensors", True), ("folder synced", True),
+                                         ("last.pt", True), ("folder synced", True)]
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
     loaded = load_safetensors(tmp_path / "model.safetensors")
     assert loaded["model_info"] == {"name": "resnet_cifar"}

@@ -27,6 +27,13 @@ def test_top1_within_the_true_subtask_by_hand():
     assert r["control_within"] > r["control_top1"] and r["specialist_within"] >= r["true_route_top1"]
 
 
+def test_no_images_is_an_error_not_zero_points():
+    from hydranets.errors import HydraError
+    hydra, control, *_ = tiny_hydra_and_control()
+    with pytest.raises(HydraError, match="no images"):
+        within_subtask.within_subtask(hydra, control, [])
+
+
 def test_summarise_by_design_and_over_all_pairs():
     def row(spec, ctrl):
         return {"specialist_within": spec, "control_within": ctrl}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -12,34 +12,35 @@ import torch.nn as nn
 from .errors import HydraError
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+def _replace_synced(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path`` (its folders made), sync it, rename it over ``path`` and sync the
+    folder: a crash, a power cut or a full disk leaves the old file or the new, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if os.name == "posix":  # the rename itself lives in the folder's entry
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically (see :func:`_replace_synced`)."""
+    _replace_synced(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write ``text`` (UTF-8) to a synced temporary file beside ``path``, its folders made, then rename: a crash
-    or a full disk leaves the old file or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` as UTF-8, atomically (see :func:`_replace_synced`)."""
+    _replace_synced(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -80,16 +81,8 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict | None =
         raise HydraError("saving safetensors needs the safetensors package: pip install 'hydranets[train]'") from None
     # copies: safetensors refuses tensors that share memory (branches with shared weights)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _replace_synced(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_safetensors(path: str | Path) -> dict:

@@ -77,8 +77,17 @@ def active_params(model: nn.Module, k: int | None = None) -> int:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work, so a timing covers the work and not only its launch."""
+    if device.type == "cpu":
+        return
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "synchronize"):
+        raise HydraError(f"cannot time on device {device}: torch.{device.type}.synchronize does not exist; "
+                         "time on cpu or cuda")
+    backend.synchronize()
 
 
 def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tuple[int, ...],

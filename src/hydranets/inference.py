@@ -20,11 +20,17 @@ from .data.inputs import InputSpec
 from .errors import HydraError
 
 
+def _in_order(m: nn.Module) -> bool:
+    """Whether ``m`` runs its children one after the other: a Sequential, or a subclass (such as torchvision's
+    ``Conv2dNormActivation``) that keeps Sequential's forward."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _layers(seq: nn.Sequential) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, name, layer) for each layer a Sequential runs, in order, looking inside nested Sequentials."""
     out = []
     for name, m in seq.named_children():
-        out += _layers(m) if type(m) is nn.Sequential else [(seq, name, m)]
+        out += _layers(m) if _in_order(m) else [(seq, name, m)]
     return out
 
 
@@ -44,7 +50,7 @@ def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode in which every ``Conv2d`` that a ``BatchNorm2d`` directly follows
-    (in a Sequential, nested ones included) is replaced by one convolution computing both; the batch norm
+    (in a Sequential or a subclass keeping its forward, nested ones included) is replaced by one convolution computing both; the batch norm
     becomes an identity. Returns the copy and how many pairs were folded.
 
     The copy computes the same function as ``model.eval()`` (to float rounding) and is for inference
@@ -55,7 +61,7 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     from .hydranet import HydraNet
     folded = copy.deepcopy(model).eval()
     count = 0
-    for seq in [m for m in folded.modules() if type(m) is nn.Sequential]:
+    for seq in [m for m in folded.modules() if _in_order(m)]:
         layers = _layers(seq)
         for (conv_parent, conv_name, conv), (bn_parent, bn_name, bn) in zip(layers, layers[1:]):
             if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None

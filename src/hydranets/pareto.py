@@ -837,11 +837,15 @@ def top1_standard_error(top1: float, n: int) -> float:
 
 
 def _noise_line(result: dict) -> str:
+    """Test-set sampling noise near the two curves' top-1 (their members; checks and ablations aside)."""
     n, rows = result["test_images"], result["rows"]
+    rows = [r for r in rows if r["family"] in ("baseline", "hydranet")] or rows
     mean = sum(r["top1"] for r in rows) / len(rows)
     se = top1_standard_error(mean, n)
     return (f"- Noise: on {n} test images one standard error of a top-1 near {mean:.0f}% is {se:.2f} points, "
-            f"so two models differ by more than chance only beyond about {2 * math.sqrt(2) * se:.1f} points")
+            f"so two models' errors, were they independent, differ by more than chance only beyond about "
+            f"{2 * math.sqrt(2) * se:.1f} points (on one shared test set their errors overlap, so a paired "
+            "difference is less noisy than that; training seeds add their own spread, see the repeats)")
 
 
 def _seed_lines(means: dict, bss: list[str], test_images: int | None = None) -> list[str]:

@@ -65,9 +65,12 @@ def balance_loss(gate_logits: torch.Tensor, route: torch.Tensor) -> torch.Tensor
 
     f_b is the share of routing slots on branch b (from ``route``, (N, k)), p_b the mean softmax gate
     probability of b. It is 1 for uniform routing and approaches B/k when every image goes to the same k
-    branches; its gradient (through p) pushes probability off the overloaded branches.
+    branches; its gradient (through p) pushes probability off the overloaded branches. An empty batch
+    adds nothing (0, still attached to the graph) rather than NaN.
     """
     b = gate_logits.shape[1]
+    if route.numel() == 0 or gate_logits.shape[0] == 0:
+        return gate_logits.float().sum() * 0.0
     f = torch.bincount(route.reshape(-1), minlength=b).float() / route.numel()
     p = gate_logits.float().softmax(1).mean(0)
     return b * (f * p).sum()
