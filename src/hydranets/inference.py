@@ -119,8 +119,8 @@ def predict(model: nn.Module, images: torch.Tensor, top: int | None = None,
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != spec.in_chans:
         raise HydraError(f"predict takes (N, {spec.in_chans}, H, W) uint8 images, got {tuple(images.shape)} "
                          f"{images.dtype}")
-    if tuple(images.shape[2:]) != (spec.size, spec.size):
-        raise HydraError(f"this model takes {spec.size}x{spec.size} images, got {images.shape[2]}x{images.shape[3]}; "
+    if tuple(images.shape[2:]) != spec.shape:
+        raise HydraError(f"this model takes {spec.shape[0]}x{spec.shape[1]} images, got {images.shape[2]}x{images.shape[3]}; "
                          "hydranets.data.inputs.read_images resizes and crops image files as its test images were")
     top = min(5, len(spec.classes)) if top is None else top
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(spec.classes):
