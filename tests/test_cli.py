@@ -14,6 +14,7 @@ from hydranets.cli import build_parser
 from hydranets.data import BatchLoader
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import evaluate
+from hydranets.partition import partition_random
 from hydranets.train import load_trained
 from helpers import one_error_line, run_cli as run, train_pair
 
@@ -155,7 +156,8 @@ def test_partition_random_to_out(runs, capsys, tmp_path):
     code, out, err = run(capsys, "partition", str(runs["baseline"] / "checkpoints" / "last.pt"), "-B", "2",
                          "--method", "random", "--seed", "3", "--out", str(dst))
     assert code == 0, err
-    check_partition(dst, "random")
+    assert check_partition(dst, "random").subsets == partition_random(10, 2, seed=3).subsets
+    assert check_partition(dst, "random").subsets != partition_random(10, 2, seed=0).subsets  # the seed was used
     assert f"saved {dst}" in out
 
 
@@ -245,8 +247,11 @@ def test_bench_pareto_bad_input_is_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "bench", "pareto", "--config", str(protocol), "--only", "train.threads=1")
     assert code == 2
     one_error_line(err, "--only needs at least one entry name of the protocol (key=value words are overrides)")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "pareto", "--config", "x", "--eval-only", "--train-only"])
+    base = ["bench", "pareto", "--config", "x"]
+    assert build_parser().parse_args([*base, "--eval-only"]).eval_only
+    assert build_parser().parse_args([*base, "--train-only"]).train_only
+    code, _, err = run(capsys, *base, "--eval-only", "--train-only")
+    assert code == 2 and "argument --train-only: not allowed with argument --eval-only" in err
 
 
 # ---------------------------------------------------------------- output paths

@@ -40,8 +40,16 @@ def test_model_macs_of_a_bf16_or_fp16_model():
 
 def test_compare_speed_times_a_bf16_model():
     model = create_model("resnet_cifar", num_classes=10, depth=8, width=0.25).to(torch.bfloat16)
-    speed = compare_speed({"bf16": (model, {})}, (3, 8, 8), 2, repeats=1, warmup=0, min_time=0)
-    assert speed["bf16"]["images_per_s"] > 0
+    seen = []
+    model.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0], out.dtype)))
+    speed = compare_speed({"bf16": (model, {})}, (3, 8, 8), 2, repeats=3, warmup=0, min_time=0)["bf16"]
+    assert len(seen) >= 3  # at least one call per repeat
+    for x, out_dtype in seen:
+        assert x.shape == (2, 3, 8, 8) and x.dtype == torch.bfloat16 and out_dtype == torch.bfloat16
+        assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, seen[0][0])
+    assert speed["batch_size"] == 2 and speed["median_s"] > 0
+    assert speed["images_per_s"] == pytest.approx(2 / speed["median_s"])
+    assert speed["latency_ms"] == pytest.approx(1000 * speed["median_s"])
 
 
 def test_compare_speed_leaves_each_model_in_its_mode():

@@ -666,10 +666,15 @@ def test_loader_distributed_shards():
 
 def test_loader_rejects_bad_arguments():
     ds = loader_dataset()
-    for kwargs in (dict(batch_size=0), dict(augment="mixup"), dict(rank=2, world_size=2),
-                   dict(batch_size=60), dict(pad_mode="edge"), dict(cutout=-1)):
+    for kwargs, match in ((dict(batch_size=0), "batch_size must be a positive whole number, got 0"),
+                          (dict(augment="mixup"), "augment='mixup' is unknown"),
+                          (dict(rank=2, world_size=2), "rank=2, world_size=2 is invalid"),
+                          (dict(batch_size=60), "batch_size=60 is larger than the 50 images per rank"),
+                          (dict(pad_mode="edge"), "pad_mode='edge' is unknown"),
+                          (dict(padding=12, pad_mode="reflect"), r"padding=12 is invalid for 12x10 images; use 0 to 9"),
+                          (dict(cutout=-1), "cutout=-1 is invalid")):
         args = dict(batch_size=8, train=True) | kwargs
-        with pytest.raises(HydraError):
+        with pytest.raises(HydraError, match=match):
             BatchLoader(ds, **args)
 
 
@@ -705,12 +710,32 @@ def test_imagefolder_test_transform_and_loader(tmp_path):
 
 def test_imagefolder_train_crops_and_errors(tmp_path):
     make_folder(tmp_path)
+    # scale 1 and aspect 1: the crop is the largest centred square (no square of the whole area fits a 40x30 image)
+    square = ImageFolderDataset(tmp_path, "train", image_size=12, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    flips = set()
+    for i, (path, _) in enumerate(square.samples):
+        with Image.open(path) as f:
+            im = f.convert("RGB")
+        w, h = im.size
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        ref = np.asarray(im.resize((12, 12), Image.Resampling.BILINEAR, box=box))
+        ref = torch.from_numpy(ref.transpose(2, 0, 1).copy())
+        for epoch in range(6):
+            square.epoch = epoch
+            img = square[i][0]
+            assert torch.equal(img, ref) or torch.equal(img, ref.flip(2)), (path.name, epoch)
+            flips.add(torch.equal(img, ref.flip(2)))
+    assert flips == {False, True}
+
     ds = ImageFolderDataset(tmp_path, "train", image_size=12)
     torch.manual_seed(0)
     a = [ds[i][0] for i in range(3)]
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a crop is a function of (seed, epoch, index) alone, not of torch's global generator
     b = [ds[i][0] for i in range(3)]
     assert all(torch.equal(p, q) and p.shape == (3, 12, 12) for p, q in zip(a, b))
+    ds.epoch = 1
+    assert not all(torch.equal(p, ds[i][0]) for i, p in enumerate(a))
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"junk")
     ds = ImageFolderDataset(tmp_path, "train", image_size=12)
     with pytest.raises(HydraError, match="broken.png"):

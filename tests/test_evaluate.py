@@ -62,17 +62,26 @@ def test_shuffled_top1_runs_the_next_branch_with_the_gates_weight():
     assert "shuffled_top1" not in evaluate(model, [(x, y)])
 
 
-def test_auto_precision_is_resolved_for_the_device_not_run_in_fp32():
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_precision_is_resolved_for_the_device_not_run_in_fp32(monkeypatch, fast_bf16):
+    """Whatever this machine's CPU: auto is bf16 where the CPU runs it fast (AVX512-BF16 or AMX), else fp32."""
     from hydranets import create_model
     from hydranets.evaluate import autocast_for, evaluate, resolve_precision
     torch.manual_seed(0)
     model = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5)
     batches = [(torch.randn(16, 3, 16, 16), torch.arange(16) % 10)]
     cpu = torch.device("cpu")
-    here = resolve_precision("auto", cpu)  # bf16 on a CPU with AVX512-BF16 or AMX, else fp32
+    with torch.no_grad():
+        x = batches[0][0]
+        fp32 = model.eval()(x).float().softmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float().softmax(1)
+    assert not torch.equal(fp32, bf16)  # the check below can tell the two apart
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast_bf16)
+    here = "bf16" if fast_bf16 else "fp32"
+    assert resolve_precision("auto", cpu) == here
     auto = evaluate(model, batches, precision="auto", collect_probs=True)
-    resolved = evaluate(model, batches, precision=here, collect_probs=True)
-    assert auto["precision"] == here and torch.equal(auto["probs"], resolved["probs"])
+    assert auto["precision"] == here and torch.equal(auto["probs"], bf16 if fast_bf16 else fp32)
     with pytest.raises(ValueError, match="resolve 'auto'"):
         autocast_for(cpu, "auto")
     with pytest.raises(ValueError, match="not one of"):

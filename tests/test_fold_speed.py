@@ -35,9 +35,12 @@ def test_fold_speed_prints_both_timings_and_savings(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if re.match(r"(b1|b2|h1) ", line)}
     assert set(rows) == {"b1", "b2", "h1"}
+    # ResNet-8: the stem's conv, two per block (3 blocks), two shortcuts; the HydraNet: the stages before the last
+    # (6 of those 9), then the last stage (3) in the gate and in each of its 2 branches
+    folded_pairs = {"b1": 9, "b2": 9, "h1": 6 + 3 * (1 + 2)}
     for name, (_, family, pairs, top1, top1_folded, speed, speed_folded, ratio) in rows.items():
         assert family == ("hydranet" if name == "h1" else "baseline")
-        assert int(pairs) > 0 and top1 == top1_folded  # folding keeps every prediction
+        assert int(pairs) == folded_pairs[name] and top1 == top1_folded  # folding keeps every prediction
         assert float(ratio[:-1]) == pytest.approx(float(speed_folded) / float(speed), abs=0.02)
     saving = r"hydranet family: time saving at the best baseline's top-1 \(\d+\.\d\d%\), (as trained|folded): "
     assert re.findall(saving, out) == ["as trained", "folded"] and "control family" not in out

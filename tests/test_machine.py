@@ -1,4 +1,5 @@
 """The machine record that run folders and benchmark results carry."""
+import platform
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ def test_cpu_name_and_features_from_cpuinfo(tmp_path: Path) -> None:
 
 def test_cpu_without_cpuinfo_falls_back_to_platform(tmp_path: Path) -> None:
     name, features = _cpu(tmp_path / "absent")
-    assert name and features == []
+    assert name == (platform.processor() or platform.machine()) and name and features == []
+    (tmp_path / "no-name").write_text("processor\t: 0\nflags\t\t: avx2 avx512f\n")  # e.g. an ARM cpuinfo
+    assert _cpu(tmp_path / "no-name") == (platform.processor() or platform.machine(), ["avx2", "avx512f"])
 
 
 def test_machine_info_of_this_process() -> None:

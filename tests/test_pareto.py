@@ -61,8 +61,12 @@ def test_a_saving_met_by_the_cheapest_hydranet_is_reported_as_a_lower_bound():
 
 def test_compare_families_reports_a_miss():
     r = compare_families([(40.0, 30.0), (80.0, 34.0)], [(20.0, 25.0), (60.0, 31.0)])
-    assert r["iso_accuracy_saving"] is None
-    assert r["equal_cost_gain_mean"] < 0
+    assert r["iso_accuracy_saving"] is None and r["hydra_cost_at_that_top1"] is None
+    # over the shared costs [40, 60] the HydraNets' top-1 minus the baseline's is 25 + 0.15 (c - 20) - 30 - 0.1 (c - 40)
+    # = 0.05 c - 4: from -2 at 40 to -1 at 60, -1.5 on average
+    assert r["shared_cost_range"] == [40.0, 60.0]
+    assert r["equal_cost_gain_mean"] == pytest.approx(-1.5)
+    assert r["equal_cost_gain_max"] == pytest.approx(-1.0)
 
 
 def test_markdown_reports_a_miss_as_not_reached():

@@ -248,13 +248,13 @@ def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         save_safetensors(model, tmp_path / "model.safetensors", {"model_info": {}})
     def broken_rename(src, dst):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("os.replace", broken_rename)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Input/output error"):
         atomic_write_text("new summary", tmp_path / "summary.json")
     assert (tmp_path / "model.safetensors").read_bytes() == b"old weights"
     assert (tmp_path / "summary.json").read_text() == "old summary"

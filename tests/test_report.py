@@ -85,11 +85,22 @@ def test_full_report(tmp_path):
     assert not re.search(r"<script|<link|https?://", page)
 
 
+def colour_spread(path: Path) -> int:
+    """The largest difference between two colour channels of a pixel: 0 for a grey image."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int(np.abs(np.diff(rgb, axis=2)).max())
+
+
 def test_cifar100_overlay_and_color_samples(tmp_path):
     run = make_run(tmp_path, dataset="cifar100", channels=3)
     page = write_report(run).read_text(encoding="utf-8")
     assert "paper&#x27;s CIFAR-100" in page
     assert len(DATA_URI.findall(page)) == 4
+    assert colour_spread(run / "plots" / PLOT_FILES["subtasks"]) > 100  # RGB samples drawn in colour
+    (tmp_path / "grey").mkdir()
+    grey = make_run(tmp_path / "grey")
+    write_report(grey)
+    assert colour_spread(grey / "plots" / PLOT_FILES["subtasks"]) == 0  # one-channel samples drawn in grey
 
 
 def test_optional_files_missing(tmp_path):

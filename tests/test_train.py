@@ -340,13 +340,48 @@ def test_lr_schedule_against_hand_computation():
 
 
 # ---------------------------------------------------------------- gradient accumulation
-def test_gradient_accumulation(tmp_path):
+def test_gradient_accumulation(tmp_path, monkeypatch):
+    """accum_steps=2 runs each batch as its halves x[0::2] and x[1::2] and steps once on the mean of their gradients:
+    for a network without batch statistics, the step the whole batch makes at once."""
+    from hydranets import distributed
+    from hydranets.train import make_optimizer
+    seen = []
+    real = train_mod.compute_loss
+
+    def spy(cfg, net, hydra, teacher, x, y, *rest):
+        seen.append(y.tolist())
+        return real(cfg, net, hydra, teacher, x, y, *rest)
+
+    monkeypatch.setattr(train_mod, "compute_loss", spy)
     out = tmp_path / "run"
-    train(cfg_for(out, "train.epochs=2", "train.accum_steps=2"))
+    train(cfg_for(out, "train.epochs=2", "train.accum_steps=2", "data.train_subset=64"))
+    assert [len(y) for y in seen] == [8] * 2 * 2 * (64 // 16)
     rows = read_metrics(out)
-    assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
-    assert rows[1]["train_loss"] < rows[0]["train_loss"]
-    assert all(torch.isfinite(v.float()).all() for v in load_ckpt(out)["model"].values())
+    assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
+
+    cfg = cfg_for(tmp_path / "unit", "optim.schedule=constant", "optim.warmup_epochs=0", "train.epochs=1")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 4, 4, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)]
+    rt = distributed.Runtime(0, 1, 0, torch.device("cpu"))
+
+    def trained(accum):
+        cfg.train.accum_steps = accum
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+        init = model[1].weight.detach().clone()
+        seen.clear()
+        stats = train_mod.train_one_epoch(cfg, model, model, None, None, batches, make_optimizer(cfg, model),
+                                          torch.amp.GradScaler("cpu", enabled=False), 0, len(batches), rt)
+        assert not torch.allclose(model[1].weight, init, atol=1e-3)
+        return model, stats
+
+    whole, whole_stats = trained(1)
+    assert seen == [y.tolist() for _, y in batches]
+    halves, halves_stats = trained(2)
+    assert seen == [y[j::2].tolist() for _, y in batches for j in (0, 1)]
+    for a, b in zip(whole.parameters(), halves.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert halves_stats["train_loss"] == pytest.approx(whole_stats["train_loss"], rel=1e-5)
 
 
 def test_batch_must_divide_over_accumulation(tmp_path, capsys):
