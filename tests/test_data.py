@@ -822,3 +822,39 @@ def test_a_places_augmentation_is_the_same_for_every_world_size(world_size, drop
         torch.testing.assert_close(ranks[p][0], one[p][0], rtol=0, atol=0, msg=f"place {p}")
     if not drop_last:  # padded to a multiple of the world size: every image at least once
         assert {label for _, label in ranks.values()} == set(range(n))
+
+
+def test_extractions_into_one_folder_take_turns(tmp_path, monkeypatch):
+    """While one process moves an archive's entries into the folder, the folder is locked against another; one
+    that waited skips the work when the file it needs is there."""
+    fcntl = pytest.importorskip("fcntl", reason="the folder lock is POSIX flock")
+    import hydranets.data.download as download
+    archive = tmp_path / "a.tar.gz"
+    member = tarfile.TarInfo("data/file.txt")
+    member.size = 1
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.addfile(member, io.BytesIO(b"x"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    locked, real_replace = [], os.replace
+
+    def replace(src, dst):
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process would
+            locked.append(False)
+        except BlockingIOError:
+            locked.append(True)
+        finally:
+            os.close(fd)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(download.os, "replace", replace)
+    extract_archive(archive, dest)
+    assert locked == [True] and (dest / "data" / "file.txt").read_bytes() == b"x"
+    assert [p.name for p in dest.iterdir()] == ["data"]  # no lock file left
+    (dest / "data" / "file.txt").write_bytes(b"y")  # as if another process had finished the same work
+    extract_archive(archive, dest, done="data/file.txt")
+    assert locked == [True] and (dest / "data" / "file.txt").read_bytes() == b"y"
+    extract_archive(archive, dest)
+    assert (dest / "data" / "file.txt").read_bytes() == b"x"

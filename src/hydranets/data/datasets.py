@@ -207,7 +207,7 @@ def _cifar_folder(key: str, root: str | Path | None, download: bool, cache_dir: 
     if archive.is_file():
         dest = archive.parent if os.access(archive.parent, os.W_OK) else _cache_root(cache_dir)
         if not (dest / folder / meta).is_file():
-            extract_archive(archive, dest)
+            extract_archive(archive, dest, done=f"{folder}/{meta}")
         if not (dest / folder / meta).is_file():
             raise HydraError(f"{archive} does not hold {folder}/{meta}; use the official CIFAR python "
                              f"version from {url}")

@@ -1,6 +1,7 @@
 """Checked downloads and safe archive extraction: the only ways hydranets writes fetched data to disk."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -11,7 +12,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import HydraError
 
@@ -152,17 +153,44 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
                          "refusing to extract it")
 
 
-def extract_archive(path: str | Path, dest: str | Path) -> Path:
+@contextlib.contextmanager
+def _folder_lock(dest: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder ``dest`` itself (no lock file left behind; no lock where
+    ``fcntl`` does not exist, as on Windows): processes that extract into one folder take turns."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def extract_archive(path: str | Path, dest: str | Path, done: str | None = None) -> Path:
     """Unpack a tar / tar.gz archive into ``dest`` and return ``dest``.
 
     Members with absolute paths, ``..`` parts, links that leave the archive or device files are
     rejected before anything is written. The archive is unpacked into a temporary folder first and
     its top-level entries are then moved into ``dest``, so an interrupted run leaves no half tree.
+    Processes extracting into one ``dest`` take turns (on POSIX systems); ``done``, a path under ``dest``,
+    makes a process that waited skip the work when the one before it has left that file there.
     """
     path, dest = Path(path), Path(dest)
     if not path.is_file():
         raise HydraError(f"archive {path} not found; check the path")
     dest.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(dest):
+        if done is None or not (dest / done).exists():
+            _extract(path, dest)
+    return dest
+
+
+def _extract(path: Path, dest: Path) -> None:
+    """:func:`extract_archive`'s work, its lock held."""
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
     try:
         try:
@@ -185,4 +213,3 @@ def extract_archive(path: str | Path, dest: str | Path) -> Path:
             os.replace(entry, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return dest
