@@ -50,8 +50,9 @@ def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode in which every ``Conv2d`` that a ``BatchNorm2d`` directly follows
-    (in a Sequential or a subclass keeping its forward, nested ones included) is replaced by one convolution computing both; the batch norm
-    becomes an identity. Returns the copy and how many pairs were folded.
+    (in a Sequential or a subclass keeping its forward, nested ones included) is replaced by one
+    convolution computing both; the batch norm becomes an identity. Returns the copy and how many pairs
+    were folded.
 
     The copy computes the same function as ``model.eval()`` (to float rounding) and is for inference
     only: training it would train the folded weights, not the batch norms. Batch norms after a
