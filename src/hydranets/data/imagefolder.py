@@ -131,10 +131,14 @@ def resize_center_crop(im: Any, shorter: int, size: int) -> Any:
         nw, nh = shorter, max(shorter, round(h * shorter / w))
     else:
         nw, nh = max(shorter, round(w * shorter / h)), shorter
-    im = im.resize((nw, nh), _pil().Resampling.BILINEAR)
-    left = (nw - size) // 2
-    top = (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    return resize_crop_centre(im, (nw, nh), (size, size))
+
+
+def resize_crop_centre(im: Any, resized: tuple[int, int], crop: tuple[int, int]) -> Any:
+    """A Pillow image resized (bilinear) to ``resized`` (width, height), then its centre ``crop`` (width, height)."""
+    im = im.resize(resized, _pil().Resampling.BILINEAR)
+    left, top = (resized[0] - crop[0]) // 2, (resized[1] - crop[1]) // 2
+    return im.crop((left, top, left + crop[0], top + crop[1]))
 
 
 class EpochSampler(RandomSampler):

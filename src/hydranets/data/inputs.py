@@ -17,7 +17,7 @@ import torch
 
 from ..errors import HydraError
 from .datasets import ImageDataset
-from .imagefolder import IMAGE_SUFFIXES, _pil, resize_center_crop
+from .imagefolder import IMAGE_SUFFIXES, _pil, resize_center_crop, resize_crop_centre
 
 
 @dataclass
@@ -98,8 +98,10 @@ def read_images(files: Sequence[Path], spec: InputSpec) -> torch.Tensor:
             raise HydraError(f"cannot decode image {f}: {type(e).__name__}: {e}") from None
         if spec.height is None:
             im = resize_center_crop(im, spec.resize, spec.size)
-        else:
-            im = _cover_crop(im, height, width)
+        else:  # scaled just to cover height x width
+            factor = _scale(im.size, spec)
+            resized = (max(width, round(im.size[0] * factor)), max(height, round(im.size[1] * factor)))
+            im = resize_crop_centre(im, resized, (width, height))
         arr = np.asarray(im, dtype=np.uint8)
         out.append(torch.from_numpy(arr.reshape(height, width, -1).transpose(2, 0, 1).copy()))
     return torch.stack(out)
@@ -110,12 +112,3 @@ def _scale(image_size: tuple[int, int], spec: InputSpec) -> float:
     if spec.height is None:
         return spec.resize / min(image_size)
     return max(spec.size / image_size[0], spec.height / image_size[1])
-
-
-def _cover_crop(im: Any, height: int, width: int) -> Any:
-    """A Pillow image scaled (bilinear) just to cover ``height`` x ``width``, then its centre of that size."""
-    factor = max(width / im.size[0], height / im.size[1])
-    nw, nh = max(width, round(im.size[0] * factor)), max(height, round(im.size[1] * factor))
-    im = im.resize((nw, nh), _pil().Resampling.BILINEAR)
-    left, top = (nw - width) // 2, (nh - height) // 2
-    return im.crop((left, top, left + width, top + height))
