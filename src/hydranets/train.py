@@ -529,6 +529,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and h.train_topk is not None and not (isinstance(h.train_topk, int) and 1 <= h.train_topk <= h.num_branches):
         raise HydraError(f"hydra.train_topk must be an integer from 1 to hydra.num_branches ({h.num_branches}), "
                          f"got {h.train_topk!r}; or null to train with hydra.topk")
+    if h.enabled and h.routing == "soft" and (h.oracle_epochs or h.train_topk is not None):
+        raise HydraError("hydra.routing=soft runs every branch in training, so hydra.oracle_epochs and "
+                         "hydra.train_topk (top-k settings) would do nothing; set them to 0 / null or use routing=topk")
     if h.enabled and h.balance_loss < 0:
         raise HydraError(f"hydra.balance_loss={h.balance_loss} must be >= 0 (0 turns it off)")
     if h.enabled and not (h.branch_lr_scale > 0 and h.branch_decay_scale >= 0):
