@@ -543,6 +543,11 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and h.share_branch_norms and not h.share_branch_weights:
         raise HydraError("hydra.share_branch_norms=true ties the branches' normalisation layers on top of their "
                          "weights; set hydra.share_branch_weights=true too")
+    d = cfg.distill
+    if bool(d.teacher) != (d.weight > 0) or not (0 <= d.weight <= 1 and d.temperature > 0):
+        raise HydraError(f"distill needs both a teacher and a weight in (0, 1] (the share of the loss), and a temperature "
+                         f"> 0; got teacher={d.teacher!r}, weight={d.weight}, temperature={d.temperature}"
+                         + (" (e.g. distill.weight=0.5)" if d.teacher and d.weight == 0 else ""))
     if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.keep_epochs):
         raise HydraError(f"train.keep_epochs must list epochs from 1 to train.epochs ({t.epochs}), got {t.keep_epochs!r}")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
