@@ -706,10 +706,11 @@ def level_off_savings(comp: dict, test_images: int) -> dict | None:
     if point is None:
         return None
     out = {"top1": point["top1"], "cost": point["cost"], "tolerance": tolerance, "is_best": point is along[-1],
-           "macs": point["saving"]}
+           "macs": point["saving"], "at_least": {"macs": point["at_least"]}}
     for key in (k for k in comp if k.startswith("time_b")):
         same = [p for p in comp[key].get("saving_along_baseline", []) if p["top1"] == point["top1"]]
         out[key] = same[0]["saving"] if same else None
+        out["at_least"][key] = bool(same) and same[0]["at_least"]
     return out
 
 
@@ -750,7 +751,8 @@ def seed_noise(means: list[dict], test_images: int, draws: int = 2000, seed: int
     Each draw moves every baseline and HydraNet member's mean by a normal error of its family's pooled seed standard
     deviation / sqrt(its runs), then compares the families again (the level-off point included). Returns the pooled
     sds, each saving's median and 10th / 90th percentiles (a draw whose HydraNets do not reach the level counts as no
-    saving, 0) and the share of draws with at least ``target`` x in MACs, and with that and at least ``time_share``
+    saving, 0), the share of draws in which each is only a lower bound (the cheapest HydraNet already more accurate),
+    and the share of draws with at least ``target`` x in MACs, and with that and at least ``time_share``
     of the MACs saving in each measured time. None unless both families have repeats."""
     fams = {f: [m for m in means if m["family"] == f] for f in ("baseline", "hydranet")}
     sds = {f: pooled_seed_sd(ms) for f, ms in fams.items()}
@@ -758,6 +760,7 @@ def seed_noise(means: list[dict], test_images: int, draws: int = 2000, seed: int
         return None
     rng = np.random.default_rng(seed)
     got: dict[str, list[float]] = {}
+    bound: dict[str, list[bool]] = {}
     for _ in range(draws):
         moved = {f: [dict(m, top1=m["top1"] + rng.normal() * sds[f] / math.sqrt(len(m["top1_runs"]))) for m in ms]
                  for f, ms in fams.items()}
@@ -765,8 +768,9 @@ def seed_noise(means: list[dict], test_images: int, draws: int = 2000, seed: int
         for key, value in point.items():
             if key == "macs" or key.startswith("time_b"):
                 got.setdefault(key, []).append(value or 0.0)
+                bound.setdefault(key, []).append(bool(point.get("at_least", {}).get(key)))
     savings = {k: {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)),
-                   "p90": float(np.percentile(v, 90))} for k, v in got.items()}
+                   "p90": float(np.percentile(v, 90)), "at_least": float(np.mean(bound[k]))} for k, v in got.items()}
     macs = np.array(got["macs"])
     share = {"macs": float(np.mean(macs >= target))}
     for key in (k for k in got if k != "macs"):
@@ -780,15 +784,24 @@ def _level_off_line(comp: dict, bss: list[str], test_images: int) -> list[str]:
     point = level_off_savings(comp, test_images)
     if point is None or point["is_best"]:
         return []
-    times = [f"{_times(point[f'time_b{b}'])} in batch-{b} time" for b in bss if f"time_b{b}" in point]
+    least = point.get("at_least", {})
+    mark = lambda key: ">=" if least.get(key) else ""  # noqa: E731 - a lower bound, as in the other lines
+    times = [f"{mark(f'time_b{b}')}{_times(point[f'time_b{b}'])} in batch-{b} time"
+             for b in bss if f"time_b{b}" in point]
     return [f"- Where the dense curve levels off (its cheapest point within one standard error, {point['tolerance']:.2f} "
             f"points, of its best top-1: {point['top1']:.2f}% at {point['cost'] / 1e6:.1f}M MACs): iso-accuracy "
-            f"saving " + ", ".join([f"{_times(point['macs'])} in MACs"] + times)]
+            f"saving " + ", ".join([f"{mark('macs')}{_times(point['macs'])} in MACs"] + times)
+            + (" (>=: the cheapest HydraNet is already more accurate)" if any(least.values()) else "")]
 
 
 def _seed_noise_line(noise: dict, bss: list[str]) -> str:
     s, sd = noise["savings"], noise["pooled_sd"]
-    spread = lambda k: f"median {_times(s[k]['median'])} (10-90%: {_times(s[k]['p10'])} to {_times(s[k]['p90'])})"  # noqa: E731
+    def spread(k: str) -> str:
+        least = s[k].get("at_least", 0.0)
+        return (f"median {_times(s[k]['median'])} (10-90%: {_times(s[k]['p10'])} to {_times(s[k]['p90'])}"
+                + (f"; a lower bound in {100 * least:.0f}% of draws, where the cheapest HydraNet is already more "
+                   f"accurate" if least else "") + ")")
+
     share = noise["share_at_target"]
     return (f"- Seed noise ({noise['draws']} draws, each member's mean moved by a normal error of its family's pooled "
             f"seed sd / sqrt(runs): dense {sd['baseline']:.2f}, HydraNets {sd['hydranet']:.2f} points): the saving "
