@@ -193,7 +193,40 @@ def test_partition_bad_input(runs, capsys, tmp_path):
     assert code == 2 and "does not exist" in one_error_line(err)
 
 
+def test_partition_needs_a_subtask(capsys, tmp_path):
+    code, _, err = run(capsys, "partition", str(tmp_path), "-B", "0")
+    assert code == 2
+    one_error_line(err, "partition -B (the number of subtasks) must be at least 1, got 0")
+
+
+@pytest.mark.parametrize("name,words", [("notes.pt", ["is not a readable PyTorch checkpoint", "run folder"]),
+                                        ("model.safetensors", ["is not a readable safetensors file", "run folder"])])
+def test_a_file_that_is_no_checkpoint_is_one_error(capsys, tmp_path, name, words):
+    f = tmp_path / name
+    f.write_text("# some text, not weights\n")
+    for command in (["eval", str(f), *SPEED], ["predict", str(f), str(tmp_path)], ["partition", str(f), "-B", "2"]):
+        code, _, err = run(capsys, *command)
+        assert code == 2
+        assert "Weights only load failed" not in one_error_line(err, str(f), *words)
+
+
 # ---------------------------------------------------------------- report, train
+def test_report_of_a_missing_folder(capsys, tmp_path):
+    code, out, err = run(capsys, "report", str(tmp_path / "nope"))
+    assert code == 2 and out == ""
+    one_error_line(err, "nope is not a folder", "hydranets pipeline")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_pipeline_out_naming_a_file_is_one_error(capsys, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    code, _, err = run(capsys, "pipeline", *BASE, f"out={f}")
+    assert code == 2
+    one_error_line(err, f"out={f} is a file")
+    assert f.read_text() == "keep me"
+
+
 def test_report_without_eval_json(capsys, tmp_path):
     code, out, err = run(capsys, "report", str(tmp_path))
     assert code == 2 and "hydranets pipeline" in one_error_line(err) and "eval.json" in one_error_line(err)
@@ -234,6 +267,8 @@ def test_subcommand_help(capsys, command):
 def test_no_command_is_a_usage_error(capsys):
     code, _, err = run(capsys)
     assert code == 2 and "usage: hydranets" in err
+    code, _, err = run(capsys, "bench")
+    assert code == 2 and "required: pareto" in err
 
 
 def test_bench_pareto_bad_input_is_one_line(capsys, tmp_path):

@@ -591,15 +591,58 @@ def test_resume_of_finished_run_with_another_model_is_refused(finished, capsys):
     assert snapshot(finished) == before
 
 
-def test_resume_with_overwrite_starts_again_from_init_from(finished, capsys, tmp_path):
-    """--overwrite wins over --resume: a finished HydraNet is trained again, and again starts from its baseline."""
+def test_overwrite_starts_again_from_init_from_and_refuses_resume_too(finished, capsys, tmp_path):
+    """--overwrite trains a finished HydraNet again, again from its baseline; with --resume as well the two
+    contradict each other: refused, the run kept."""
     hydra = [f"out={tmp_path / 'hydra'}", "train.epochs=1", "hydra.enabled=true", "hydra.num_branches=2",
              "hydra.gate_loss=0", f"hydra.init_from={finished}"]
     code, err = run_main(capsys, *BASE, *hydra)
     assert code == 0 and f"stem from {finished}" in err
+    before = snapshot(tmp_path / "hydra")
     code, err = run_main(capsys, *BASE, *hydra, "--resume", "--overwrite")
+    assert code == 2
+    one_error_line(err, "--resume continues", "--overwrite replaces", "give one of them")
+    assert snapshot(tmp_path / "hydra") == before
+    code, err = run_main(capsys, *BASE, *hydra, "--overwrite")
     assert code == 0 and f"stem from {finished}" in err and "nothing to do" not in err
     assert [r["epoch"] for r in read_metrics(tmp_path / "hydra")] == [1]
+    assert snapshot(tmp_path / "hydra") != before
+
+
+def test_overrides_may_follow_the_flags(finished, capsys):
+    """`--resume` between overrides: those after it are overrides too (argparse alone rejects them)."""
+    code, err = run_main(capsys, *BASE[:3], "--resume", *BASE[3:], f"out={finished}", "train.epochs=1")
+    assert code == 0 and "already finished; nothing to do" in err
+    with pytest.raises(SystemExit) as e:
+        main(["train", *BASE, f"out={finished}", "--resume", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_out_naming_a_file_is_one_error(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    code, err = run_main(capsys, *BASE, f"out={f}")
+    assert code == 2
+    one_error_line(err, f"out={f} is a file", "give another out=")
+    assert f.read_text() == "keep me"
+
+
+def test_hydranet_preset_as_model_takes_the_hydra_partition(tmp_path, capsys):
+    """A HydraNet preset named as model.name: without hydra.partition the gate loss is refused before a run folder
+    is made; with it the subtasks reach the model (its checkpoint holds them)."""
+    preset = [*BASE, "model.name=hydra_resnet20_b4k1", "model.kwargs={}", "train.epochs=1",
+              "data.train_subset=64", "data.test_subset=32"]
+    code, err = run_main(capsys, *preset, f"out={tmp_path / 'no-part'}")
+    assert code == 2
+    one_error_line(err, "hydra.partition is not set", "hydra.partition=PATH")
+    assert not (tmp_path / "no-part").exists()
+    subsets = [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
+    part = tmp_path / "partition.json"
+    Partition(subsets, 10, [f"class{c}" for c in range(10)]).save(part)
+    code, err = run_main(capsys, *preset, f"out={tmp_path / 'run'}", f"hydra.partition={part}")
+    assert code == 0, err
+    assert load_ckpt(tmp_path / "run")["partition"]["subsets"] == subsets
+    assert 0 <= read_metrics(tmp_path / "run")[-1]["gate_recall"] <= 100
 
 
 def test_overwrite_with_bad_model_keeps_the_run(finished, capsys):

@@ -51,7 +51,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
-        raise HydraError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise HydraError(f"{path} is not a readable PyTorch checkpoint: give a run folder, its checkpoints/*.pt or its "
+                         f"model.safetensors (this file is another kind or damaged: {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_info" not in ckpt:
         raise HydraError(f"{path} is not a hydranets checkpoint (no 'model'/'model_info')")
     return ckpt
@@ -100,7 +101,8 @@ def load_safetensors(path: str | Path) -> dict:
             state = {k: f.get_tensor(k) for k in f.keys()}
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except Exception as e:  # noqa: BLE001  (a damaged file raises several kinds)
-        raise HydraError(f"weights file {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise HydraError(f"{path} is not a readable safetensors file: give a run folder or its model.safetensors "
+                         f"(this file is another kind or damaged: {type(e).__name__})") from None
     if "model_info" not in meta:
         raise HydraError(f"{path} has no hydranets metadata (model_info); it was not written by hydranets")
     return {"model": state, **meta}

@@ -142,6 +142,8 @@ def cmd_partition(args) -> None:
     from .partition import format_partition, partition_filename
     from .pipeline import compute_partition
     from .train import load_trained
+    if args.branches < 1:
+        raise HydraError(f"partition -B (the number of subtasks) must be at least 1, got {args.branches}")
     if args.overlap_balanced and not args.overlap:
         raise HydraError("--overlap-balanced spreads the second subtasks of --overlap; pass --overlap too")
     given = output_file(args.out, "--out")
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks; `bench pareto`: a HydraNet family against a baseline family")
-    bench = p.add_subparsers(dest="bench", required=True)
+    bench = p.add_subparsers(dest="bench", required=True, metavar="pareto")
     p = bench.add_parser("pareto", help="train (resumable), evaluate and compare the families of a protocol")
     p.add_argument("--config", required=True, help="protocol YAML (configs/bench/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the shared base config")
@@ -289,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow a flag (`--resume out=...`), as argparse does not gather them
+        if not hasattr(args, "overrides") or any("=" not in w or w.startswith("-") for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
     try:
         args.fn(args)
     except HydraError as e:

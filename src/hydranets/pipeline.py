@@ -52,6 +52,8 @@ def check_pipeline_dir(cfg: Config) -> None:
     """A pipeline folder made with another config is refused once it holds results, so nothing computed is mixed or
     lost; before that (e.g. after a config that failed before training) it takes the new config."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise HydraError(f"out={out} is a file; the pipeline needs a folder: give another out=")
     saved = out / "config.yaml"
     if saved.exists() and any((out / n).exists() for n in ("baseline", "partition.json", "hydranet", "eval.json")):
         import yaml

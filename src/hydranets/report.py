@@ -490,6 +490,8 @@ def write_report(run_dir: str | Path) -> Path:
     Sections whose input files are absent are left out, and the page says which and why.
     """
     run = Path(run_dir)
+    if not run.is_dir():
+        raise HydraError(f"{run} is not a folder; give the out= folder of a `hydranets pipeline` run")
     ev = _read_eval(run)
     plots = run / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -135,9 +135,11 @@ def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -
         raise HydraError(f"model {info['name']!r} cannot be built with model.kwargs={info['kwargs']}: {e}") from None
 
 
-def load_partition(cfg: Config, class_names: list[str]) -> Partition | None:
-    if not cfg.hydra.enabled or cfg.hydra.partition is None:
-        if cfg.hydra.enabled and (cfg.hydra.gate_loss > 0 or cfg.hydra.routing == "oracle" or cfg.hydra.oracle_epochs):
+def load_partition(cfg: Config, class_names: list[str], hydra: bool | None = None) -> Partition | None:
+    """The subtasks ``hydra.partition`` names, for a HydraNet (``hydra.enabled``, or ``hydra=True``: a preset model)."""
+    enabled = cfg.hydra.enabled if hydra is None else hydra
+    if not enabled or cfg.hydra.partition is None:
+        if enabled and (cfg.hydra.gate_loss > 0 or cfg.hydra.routing == "oracle" or cfg.hydra.oracle_epochs):
             raise HydraError("hydra.partition is not set, but the gate loss / oracle routing needs the subtasks; "
                              "make one with `hydranets partition BASELINE_RUN` or set hydra.partition=PATH")
         return None
@@ -386,6 +388,10 @@ _LOCATIONS = {"root", "partition", "init_from", "teacher"}
 
 def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run unless asked; a resumed run must have the same model and data."""
+    if out.exists() and not out.is_dir():
+        raise HydraError(f"out={out} is a file; a run needs a folder: give another out=")
+    if resume and overwrite:
+        raise HydraError("--resume continues the run in the folder and --overwrite replaces it; give one of them")
     finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
     if overwrite:
         return
@@ -510,7 +516,6 @@ def check_optim(o: OptimConfig) -> None:
 
 def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) -> dict:
     out, t = Path(cfg.out), cfg.train
-    resume = resume and not overwrite  # --overwrite starts again: nothing of the old run is used
     # cheap checks first: bad input must not create, or (with --overwrite) delete, a run folder
     check_run_dir(out, cfg, resume, overwrite)
     if resume and (out / "summary.json").exists():
@@ -571,6 +576,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     info = model_info(cfg, num_classes, spec.in_chans)
     model = build_model(info, partition, cfg.hydra.topk)
     hydra = model if isinstance(model, HydraNet) else None
+    if hydra is not None and not cfg.hydra.enabled:  # a HydraNet preset as model.name: the hydra section's losses apply
+        if (partition := load_partition(cfg, spec.classes, hydra=True)) is not None:
+            hydra.set_partition(partition)
     fresh = not (resume and (out / CHECKPOINT).exists())
     if hydra is not None and cfg.hydra.init_from and fresh:
         upcycled = init_stem_from(hydra, cfg.hydra.init_from, cfg.hydra.upcycle)
