@@ -67,7 +67,7 @@ def test_eval_sweeps_topk(runs, capsys, tmp_path):
     rows_file = tmp_path / "rows.json"
     code, out, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "1,2", "--json", str(rows_file), *SPEED)
     assert code == 0, err
-    assert "resnet_cifar on synthetic (100 test images)" in out
+    assert "HydraNet of resnet_cifar, B=2 on synthetic (100 test images)" in out
     printed = eval_rows(out)
     assert [r[0] for r in printed] == ["1", "2"]
     macs = [float(r[6]) for r in printed]
@@ -99,6 +99,7 @@ def test_eval_sweeps_topk(runs, capsys, tmp_path):
 def test_eval_of_baseline(runs, capsys):
     code, out, err = run(capsys, "eval", str(runs["baseline"]), *SPEED)
     assert code == 0, err
+    assert "\nresnet_cifar on synthetic (100 test images)" in "\n" + out
     (row,) = eval_rows(out)
     summary = json.loads((runs["baseline"] / "summary.json").read_text())
     assert row[0] == "-" and float(row[1]) == pytest.approx(summary["test_top1"], abs=0.006)

@@ -167,6 +167,11 @@ def test_pipeline_prints_partition_and_results(finished):
     assert f"report: {out / 'report.html'}" in stdout
     # the progress log goes to stderr, the tables to stdout
     assert "[pipeline] 5/5 report" in finished["stderr"] and "[pipeline]" not in stdout
+    # step 4 reports each model's top-1 as it is measured, then the timing, before its table
+    for row in ev["rows"]:
+        label = f"{row['name']} k={row['k']}" if row["k"] else row["name"]
+        assert f"[pipeline]   {label}: top-1 {row['top1']:.2f}%" in finished["stderr"]
+    assert f"[pipeline]   timing {1 + BRANCHES} models at batch" in finished["stderr"]
 
 
 @pytest.mark.slow

@@ -95,7 +95,8 @@ def cmd_eval(args) -> None:
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
                           autocast=AUTOCAST_DTYPES.get(cfg.train.precision),
                           images=first_images(batches, args.speed_batch), channels_last=cfg.train.channels_last)
-    print(f"{ckpt['model_info']['name']} on {cfg.data.name} ({len(test_set)} test images), {device}")
+    kind = f"HydraNet of {ckpt['model_info']['name']}, B={model.num_branches}" if hydra else ckpt['model_info']['name']
+    print(f"{kind} on {cfg.data.name} ({len(test_set)} test images), {device}")
     print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'true route':>12}{'shuffled':>10}{'MMACs':>9}"
           f"{'active(M)':>11}{'images/s':>10}{'folded':>8}")
     for r, k in zip(rows, ks):

@@ -26,7 +26,7 @@ class DataConfig:
     train_subset: int | None = None      # use only this many training images (quick runs)
     test_subset: int | None = None
     image_size: int = 224                # imagefolder: random-resized-crop size (train) / centre crop (test)
-    workers: int = 4                     # imagefolder: decoding processes
+    workers: int | None = None           # imagefolder: decoding processes (None: 4, or the CPUs if fewer)
 
 
 @dataclass

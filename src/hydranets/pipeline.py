@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,8 +122,10 @@ def _device(cfg: Config) -> torch.device:
     return pick_device(cfg.train.device)
 
 
-def evaluate_models(cfg: Config, runs: dict[str, Path]) -> dict:
-    """Every model on the same test set in one process: accuracy, MACs/image, parameters, images/s."""
+def evaluate_models(cfg: Config, runs: dict[str, Path], say: Callable[[str], None] | None = None) -> dict:
+    """Every model on the same test set in one process: accuracy, MACs/image, parameters, images/s (``say`` hears
+    each model's top-1 as it is measured, and when the timing starts)."""
+    say = say or (lambda msg: None)
     from .data import BatchLoader
     device = _device(cfg)
     _, test_set = load_data(cfg)
@@ -143,8 +146,10 @@ def evaluate_models(cfg: Config, runs: dict[str, Path]) -> dict:
                          "params": count_params(model), "active_params": active_params(model, k),
                          "gate_recall": ev.get("gate_recall"), "label": label})
             candidates[label] = (model, kw)
+            say(f"  {label}: top-1 {ev['top1']:.2f}%")
             if k == cfg.hydra.topk:
                 routing = {"k": k, "matrix": ev.get("routing_matrix"), "load": ev["branch_load"]}
+    say(f"  timing {len(candidates)} models at batch {cfg.pipeline.speed_batch} ({cfg.pipeline.speed_repeats} rounds)")
     speed = compare_speed(candidates, size, cfg.pipeline.speed_batch, repeats=cfg.pipeline.speed_repeats,
                           autocast=AUTOCAST_DTYPES.get(cfg.train.precision),
                           images=first_images(batches, cfg.pipeline.speed_batch), fold=cfg.pipeline.fold_batchnorms)
@@ -208,7 +213,7 @@ def run_pipeline(cfg: Config) -> dict:
         say("4/5 evaluation (done)")
     else:
         say(f"4/5 evaluation at k = 1..{cfg.hydra.num_branches}, speed at batch {cfg.pipeline.speed_batch}")
-        result = evaluate_models(cfg, {"baseline": Path(base_cfg.out), "hydranet": Path(hydra_cfg.out)})
+        result = evaluate_models(cfg, {"baseline": Path(base_cfg.out), "hydranet": Path(hydra_cfg.out)}, say)
         save_samples(cfg, out / "samples.npz")
         atomic_write_text(json.dumps(result, indent=1), eval_file)
 

@@ -85,7 +85,9 @@ def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterab
         if d.augment != "crop_flip" or d.cutout:
             raise HydraError("data.augment and data.cutout do not apply to data.name=imagefolder, whose training images "
                              "get random-resized crops and flips; leave them at crop_flip and 0")
-        common = dict(image_size=d.image_size, workers=d.workers, device=rt.device, channels_last=t.channels_last)
+        from .data.datasets import usable_cpus
+        workers = min(4, usable_cpus()) if d.workers is None else d.workers
+        common = dict(image_size=d.image_size, workers=workers, device=rt.device, channels_last=t.channels_last)
         train_b = FolderBatches(d.root, "train", per_rank, True, seed=t.seed, rank=rt.rank, world_size=rt.world_size,
                                 **common)
         spec = InputSpec(train_b.classes, list(IMAGENET_MEAN), list(IMAGENET_STD), round(d.image_size * RESIZE_RATIO),
@@ -93,8 +95,7 @@ def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterab
         return train_b, FolderBatches(d.root, "val", t.eval_batch_size, False, **common), spec
     if d.image_size != DataConfig.image_size or d.workers != DataConfig.workers:
         raise HydraError(f"data.image_size and data.workers apply to data.name=imagefolder only; {d.name} images are "
-                         f"used at their own size, decoded once: leave them at {DataConfig.image_size} and "
-                         f"{DataConfig.workers}")
+                         f"used at their own size, decoded once: leave them at {DataConfig.image_size} and null")
     train_set, test_set = load_data(cfg)
     train_b = BatchLoader(train_set, per_rank, train=True, seed=t.seed, device=rt.device, augment=d.augment,
                           cutout=d.cutout, rank=rt.rank, world_size=rt.world_size, channels_last=t.channels_last)

@@ -778,12 +778,17 @@ def _decode_job(job: tuple[str, bytes | str]) -> tuple[np.ndarray | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _decode_workers() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system tells it)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
         n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+    return max(1, n)
+
+
+def _decode_workers() -> int:
+    return min(usable_cpus(), 8)
 
 
 def _decode_all(jobs: list[tuple[str, bytes | str]], desc: str) -> np.ndarray:
