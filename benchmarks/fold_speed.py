@@ -23,7 +23,7 @@ from hydranets.cost import compare_speed, first_images
 from hydranets.data import BatchLoader
 from hydranets.distributed import pick_device
 from hydranets.evaluate import evaluate, resolve_precision
-from hydranets.pareto import compare_families
+from hydranets.bench.compare import compare_families
 from hydranets.train import load_data, load_trained
 
 

@@ -308,9 +308,9 @@ def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
 
 
 def test_bench_results_that_is_a_file_is_refused_before_training(capsys, tmp_path, monkeypatch):
-    import hydranets.pareto as pareto_mod
+    import hydranets.bench.run as run_mod
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pareto_mod, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --results"))
+    monkeypatch.setattr(run_mod, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --results"))
     (tmp_path / "p.yaml").write_text(f"protocol: x\nout: {tmp_path / 'runs'}\nbase: {{}}\npartition_from: a\n"
                                      "baselines: [{name: a}]\nhydranets: [{name: h}]\n")
     (tmp_path / "file").write_text("")
@@ -339,17 +339,18 @@ def test_bench_results_folder_default_smoke_and_given(capsys, tmp_path, monkeypa
     import runpy
 
     import hydranets.cli as cli_mod
-    import hydranets.pareto as pareto_mod
+    import hydranets.bench.results as results_mod
+    import hydranets.bench.run as run_mod
     monkeypatch.chdir(tmp_path)
     written = []
-    monkeypatch.setattr(pareto_mod, "run_protocol", lambda proto, **k: {"protocol": proto["protocol"], "rows": []})
-    monkeypatch.setattr(pareto_mod, "check_results_kept", lambda *a: None)
+    monkeypatch.setattr(run_mod, "run_protocol", lambda proto, **k: {"protocol": proto["protocol"], "rows": []})
+    monkeypatch.setattr(results_mod, "check_results_kept", lambda *a: None)
 
     def fake_write(result, folder):
         written.append((result["protocol"], Path(folder)))
         (tmp_path / "t.md").write_text("table")
         return tmp_path / "t.json", tmp_path / "t.png", tmp_path / "t.md"
-    monkeypatch.setattr(pareto_mod, "write_results", fake_write)
+    monkeypatch.setattr(results_mod, "write_results", fake_write)
     (tmp_path / "p.yaml").write_text(f"protocol: x\nout: {tmp_path / 'runs'}\nbase: {{}}\npartition_from: a\n"
                                      "baselines: [{name: a}]\nhydranets: [{name: h}]\n")
     base = ["bench", "pareto", "--config", str(tmp_path / "p.yaml")]

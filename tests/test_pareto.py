@@ -9,9 +9,11 @@ import yaml
 from hydranets import HydraError
 from hydranets.machine import describe, machine_info
 from hydranets.partition import Partition, partition_random
-from hydranets.pareto import (_compare, all_entries, compare_families, compare_rows, evaluate_protocol, frontier,
-                              level_off_point, level_off_savings, load_protocol, markdown_table, model_config,
-                              mean_curves, means_table, pooled_seed_sd, run_protocol, seed_noise, _seed_noise_line, stops_early, top1_standard_error, write_results)
+from hydranets.bench.compare import (_compare, compare_families, compare_rows, frontier, level_off_point,
+                                     level_off_savings, mean_curves, pooled_seed_sd, seed_noise, top1_standard_error)
+from hydranets.bench.protocol import all_entries, load_protocol, model_config, stops_early
+from hydranets.bench.results import _seed_noise_line, markdown_table, means_table, write_results
+from hydranets.bench.run import evaluate_protocol, run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,7 +251,7 @@ def test_stops_early_reads_the_schedule():
 
 
 def test_plot_leaves_out_checks_that_stop_partway(tmp_path, monkeypatch):
-    import hydranets.pareto as P
+    import hydranets.bench.results as P
     import hydranets.report as R
     drawn = {}
     monkeypatch.setattr(R, "plot_pareto", lambda families, path, **kw: drawn.update(families))
@@ -668,11 +670,11 @@ def test_eval_only_keeps_results_of_models_whose_runs_are_absent(tmp_path, capsy
 def test_a_full_run_checks_the_saved_results_before_training(tmp_path, capsys, monkeypatch):
     """A protocol whose saved results hold a model it no longer has is refused before training and evaluation (the
     refusal came after both, throwing the evaluation away); one that keeps every saved model goes on."""
-    import hydranets.pareto as pareto_mod
+    import hydranets.bench.run as run_mod
     from helpers import one_error_line, run_cli
     monkeypatch.chdir(tmp_path)
     ran = []
-    monkeypatch.setattr(pareto_mod, "run_protocol", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(run_mod, "run_protocol", lambda *a, **k: ran.append(1))
     proto = {"protocol": "x", "out": str(tmp_path / "runs"), "partition_from": "b", "base": {},
              "baselines": [{"name": "b"}], "hydranets": [{"name": "h"}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(proto))
@@ -801,10 +803,10 @@ VALID = "protocol: x\nbase: {}\npartition_from: a\nbaselines: [{name: a}]\nhydra
 def test_malformed_protocol_is_one_error_line(tmp_path, capsys, monkeypatch, text, words):
     """A protocol file of the wrong shape stops with one error line, not a traceback (speed_batches and speed_repeats
     before hours of training, not at the evaluation after it)."""
-    import hydranets.pareto as pareto_mod
+    import hydranets.bench.run as run_mod
     from helpers import one_error_line, run_cli
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pareto_mod, "run_protocol", lambda *a, **k: pytest.fail("trained despite a bad protocol"))
+    monkeypatch.setattr(run_mod, "run_protocol", lambda *a, **k: pytest.fail("trained despite a bad protocol"))
     code, _, err = run_cli(capsys, "bench", "pareto", "--config", str(protocol_file(tmp_path, text)))
     assert code == 2
     one_error_line(err, words)

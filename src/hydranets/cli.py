@@ -176,8 +176,9 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench_pareto(args) -> None:
-    from .pareto import (add_repeats, all_entries, check_results_kept, evaluate_protocol, finished_entries,
-                         load_protocol, protocol_dir, run_protocol, smoke_protocol, write_results)
+    from .bench.protocol import all_entries, load_protocol, protocol_dir, smoke_protocol
+    from .bench.results import check_results_kept, write_results
+    from .bench.run import add_repeats, evaluate_protocol, finished_entries, run_protocol
     if args.only:  # `--only A B key=value`: entry names never hold '=', so those words are overrides
         args.overrides += [w for w in args.only if "=" in w]
         args.only = [w for w in args.only if "=" not in w]

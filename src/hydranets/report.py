@@ -164,7 +164,7 @@ def plot_means(curves: Mapping[str, Sequence[tuple[float, float, float | None, i
     """Plot families on their means over seeds and save a PNG; returns its path.
 
     ``curves`` maps a family to points ``(macs, mean top-1 %, standard error or None, runs)``, as
-    ``pareto.mean_curves`` gives them; each point carries a +-1 standard error bar and its number of runs.
+    ``bench.compare.mean_curves`` gives them; each point carries a +-1 standard error bar and its number of runs.
     """
     curves = {str(n): list(pts) for n, pts in curves.items() if pts}
     if not curves:
