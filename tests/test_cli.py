@@ -376,7 +376,7 @@ def test_eval_times_the_model_as_it_trained(runs, capsys, tmp_path, monkeypatch)
     import torch
 
     import hydranets.cost as cost_mod
-    from hydranets.train import CHECKPOINT
+    from hydranets.checkpoint import CHECKPOINT
     for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         run_dir = tmp_path / precision
         shutil.copytree(runs["baseline"], run_dir)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydranets.train import CHECKPOINT, read_metrics
+from hydranets.checkpoint import CHECKPOINT
+from hydranets.run_folder import read_metrics
 
 pytestmark = pytest.mark.slow
 

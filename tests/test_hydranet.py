@@ -217,7 +217,7 @@ def _baseline_checkpoint(tmp_path, depth: int = 8, width: float = 0.5, num_class
 
 
 def test_upcycle_makes_every_branch_the_baselines_tail(tmp_path):
-    from hydranets.train import init_stem_from
+    from hydranets.upcycle import init_stem_from
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=1.0, gate_width=0.5,
                          depth=8, width=0.5)
@@ -232,7 +232,7 @@ def test_upcycle_makes_every_branch_the_baselines_tail(tmp_path):
 
 
 def test_stem_only_init_leaves_branches_fresh_and_upcycle_checks_widths(tmp_path):
-    from hydranets.train import init_stem_from
+    from hydranets.upcycle import init_stem_from
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=2, topk=1, branch_width=1.0, depth=8, width=0.5)
     assert init_stem_from(hyd, str(path)) == []
@@ -265,7 +265,7 @@ def _hydranet_checkpoint(tmp_path, **kw):
 
 @pytest.mark.parametrize("src_b, b", [(1, 4), (2, 4), (2, 3)])
 def test_upcycle_branches_starts_as_its_source_hydranet(tmp_path, src_b, b):
-    from hydranets.train import init_stem_from
+    from hydranets.upcycle import init_stem_from
     src, path = _hydranet_checkpoint(tmp_path, num_branches=src_b, topk=1, shared_path=True)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=b, topk=1, depth=8, width=0.5, branch_width=1.0,
                          gate_width=1.0, shared_path=True)
@@ -288,7 +288,7 @@ def test_upcycle_branches_starts_as_its_source_hydranet(tmp_path, src_b, b):
 
 
 def test_upcycle_branches_checks_the_shape(tmp_path):
-    from hydranets.train import init_stem_from
+    from hydranets.upcycle import init_stem_from
     _, path = _hydranet_checkpoint(tmp_path, num_branches=2, topk=1, shared_path=True)
     fewer = build_hydranet("resnet_cifar", 6, num_branches=1, topk=1, depth=8, width=0.5, branch_width=1.0,
                            gate_width=1.0, shared_path=True)
@@ -378,7 +378,7 @@ def test_speed_is_timed_on_the_given_images():
 
 
 def test_upcycled_gate_with_shared_path_starts_as_the_baseline(tmp_path):
-    from hydranets.train import init_stem_from
+    from hydranets.upcycle import init_stem_from
     base, path = _baseline_checkpoint(tmp_path)
     hyd = build_hydranet("resnet_cifar", 6, num_branches=3, topk=1, branch_width=0.5, gate_width=1.0,
                          shared_path=True, depth=8, width=0.5)

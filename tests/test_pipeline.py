@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import hydranets.run_folder as run_folder
 import hydranets.train as train_mod
 from hydranets import Partition
+from hydranets.checkpoint import CHECKPOINT
 from hydranets.cli import main
-from hydranets.train import CHECKPOINT, read_metrics
+from hydranets.run_folder import read_metrics
 from helpers import one_error_line, snapshot
 
 # Small: 10 classes of 16x16 images, a ResNet-8 at half width, fp32 and contiguous (PyTorch 2.13's CPU backward of
@@ -286,7 +288,7 @@ def test_a_resumed_baseline_keeps_its_precision_and_the_subtasks_follow_it(tmp_p
     if resolve_precision("auto", torch.device("cpu")) == "fp32":
         pytest.skip("this CPU has no fast bf16, so train.precision=auto picks fp32 either way")
     out, auto = tmp_path / "run", [a for a in COMMON if not a.startswith("train.precision")] + ["train.precision=auto"]
-    real_epoch, real_resolve, seen = train_mod.train_one_epoch, train_mod.resolve_precision, []
+    real_epoch, real_resolve, seen = train_mod.train_one_epoch, run_folder.resolve_precision, []
 
     def killed_in_second_epoch(cfg, net, model, hydra, *args):
         if args[-3] == 1:
@@ -310,7 +312,7 @@ def test_a_resumed_baseline_keeps_its_precision_and_the_subtasks_follow_it(tmp_p
         raise KeyboardInterrupt
 
     code, _ = run((train_mod, "train_one_epoch", killed_in_second_epoch),
-                  (train_mod, "resolve_precision", lambda p, d: "fp32" if p == "auto" else real_resolve(p, d)))
+                  (run_folder, "resolve_precision", lambda p, d: "fp32" if p == "auto" else real_resolve(p, d)))
     assert code == 130 and torch.load(out / "baseline" / CHECKPOINT, weights_only=True)["epoch"] == 1
     code, err = run(("hydranets.pipeline.compute_partition", stop_at_subtasks))
     assert code == 130 and "was started in fp32; it continues in fp32" in err

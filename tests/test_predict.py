@@ -12,7 +12,8 @@ import hydranets
 from hydranets.data.inputs import InputSpec, image_files, read_images
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.errors import HydraError
-from hydranets.train import CHECKPOINT, load_trained
+from hydranets.checkpoint import CHECKPOINT
+from hydranets.train import load_trained
 from helpers import one_error_line, run_cli, train_pair
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.25}",

@@ -17,11 +17,13 @@ import torch
 
 import hydranets.train as train_mod
 from hydranets import HydraError, Partition, create_model
-from hydranets.checkpoint import check_compatible
+from hydranets.checkpoint import CHECKPOINT, check_compatible
 from hydranets.cli import main
 from hydranets.config import load_config
 from hydranets.data.synthetic import synthetic_splits
-from hydranets.train import CHECKPOINT, lr_at, read_metrics, train
+from hydranets.evaluate import resolve_precision
+from hydranets.run_folder import read_metrics
+from hydranets.train import lr_at, train
 from helpers import one_error_line, snapshot
 
 # Small and deterministic. channels_last is off, as training turns it off for such models on the CPU
@@ -785,7 +787,7 @@ def test_resume_after_nan_with_sane_lr_finishes(diverged, capsys, tmp_path):
 def test_resume_keeps_the_precision_the_run_started_in(tmp_path, capsys):
     """A run started in one precision and resumed with train.precision=auto, which picks the other on this
     machine, finishes in the one it started in and says so; an explicit precision still switches."""
-    here = train_mod.resolve_precision("auto", torch.device("cpu"))
+    here = resolve_precision("auto", torch.device("cpu"))
     other = "fp32" if here == "bf16" else "bf16"
     out = tmp_path / "run"
     args = [*BASE, f"out={out}", "optim.schedule=constant", "data.train_subset=64"]

@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from .errors import HydraError
 
+CHECKPOINT = "checkpoints/last.pt"
+
 
 def _replace_synced(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path`` (its folders made), sync it, rename it over ``path`` and sync the
@@ -106,3 +108,18 @@ def load_safetensors(path: str | Path) -> dict:
     if "model_info" not in meta:
         raise HydraError(f"{path} has no hydranets metadata (model_info); it was not written by hydranets")
     return {"model": state, **meta}
+
+
+def kept_checkpoint(epoch: int) -> str:
+    """Where a run keeps its checkpoint after ``epoch`` (``train.keep_epochs``), relative to its folder."""
+    return f"checkpoints/epoch{epoch}.pt"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder or a checkpoint file -> the checkpoint file (a folder holding only its ``model.safetensors``
+    -> that file)."""
+    path = Path(path)
+    if path.is_dir() and not (path / CHECKPOINT).exists() and (path / "model.safetensors").exists():
+        return path / "model.safetensors"
+    return path / CHECKPOINT if path.is_dir() else path
+

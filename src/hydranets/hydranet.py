@@ -180,7 +180,7 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     the gate is a copy of those stages at ``gate_width`` with one score per branch. Widths are
     multipliers of the backbone's own (including its ``width`` setting). ``shared_path`` also feeds the
     gate's features to the combiner (its projection starts at zero, so a network with upcycled branches starts as
-    its source; ``train.init_stem_from`` makes it the identity when it upcycles the gate instead).
+    its source; ``upcycle.init_stem_from`` makes it the identity when it upcycles the gate instead).
     ``share_branch_weights`` ties every branch's weights to the first branch's except its normalisation
     layers: each convolution then learns from every image, and a branch is specialised only by the
     statistics and affine of its own normalisation (the same MACs per image; about one branch's parameters).

@@ -21,7 +21,9 @@ from .errors import HydraError
 from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
-from .train import kept_checkpoint, load_data, load_trained, saved_config, train
+from .checkpoint import kept_checkpoint
+from .run_folder import saved_config
+from .train import load_data, load_trained, train
 
 # Settings that may change between a pipeline run and its resumption.
 _FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats"),

@@ -3,17 +3,15 @@
     hydranets train --config configs/x.yaml train.epochs=5
     torchrun --nproc_per_node=2 -m hydranets train --config configs/x.yaml
 
-A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl``/``metrics.csv`` (one row per epoch),
-``checkpoints/last.pt`` (written atomically every epoch; ``--resume`` continues from it),
-``model.safetensors`` and ``summary.json`` (written when the run has finished).
+A run folder (``run_folder``) holds ``config.yaml`` (resolved), ``metrics.jsonl``/``metrics.csv`` (one row per
+epoch), ``checkpoints/last.pt`` (written atomically every epoch; ``--resume`` continues from it),
+``model.safetensors`` and ``summary.json`` (written when the run has finished). A HydraNet may start from a trained
+network (``upcycle``).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -26,22 +24,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import (atomic_save, atomic_write_text, check_compatible, load_checkpoint, load_safetensors,
-                         load_state, save_safetensors)
-from .config import Config, DataConfig, OptimConfig, config_from_dict, save_config
+from .checkpoint import (CHECKPOINT, atomic_save, atomic_write_text, check_compatible, kept_checkpoint,
+                         load_checkpoint, load_safetensors, load_state, resolve_checkpoint, save_safetensors)
+from .config import Config, DataConfig, OptimConfig, save_config
 from .data.inputs import InputSpec
 from .errors import HydraError, is_whole
-from .evaluate import autocast_for, evaluate, resolve_precision
+from .evaluate import autocast_for, evaluate
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
 from .machine import machine_info
 from .partition import Partition
 from .registry import create_model, is_model
 from .routing import balance_loss, topk_route
+from .run_folder import append_metrics, check_run_dir, prepare_run_dir, read_metrics, run_precision, truncate_metrics
+from .upcycle import init_stem_from
 
 if TYPE_CHECKING:
     from .data import ImageDataset
-
-CHECKPOINT = "checkpoints/last.pt"
 
 
 # ---------------------------------------------------------------- building blocks
@@ -196,138 +194,6 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
-def init_stem_from(model: HydraNet, path: str, upcycle: bool | None = False) -> list[str]:
-    """Copy a trained baseline's stages into the HydraNet's stem (same backbone and stem width).
-
-    With ``upcycle`` the parts after the stem whose widths equal the baseline's also start from its
-    later stages: every branch at ``branch_width`` 1.0 (its projection the identity), the gate's trunk
-    at ``gate_width`` 1.0 (with ``shared_path``, its projection the identity and fresh branches'
-    projections zero). The classifier becomes the baseline's, so the network starts as the trained one
-    and specialises from there. ``None`` upcycles where the widths allow. Returns the parts upcycled.
-    A HydraNet checkpoint (fewer branches, same shape) is copied whole (``upcycle`` True or None):
-    see :func:`upcycle_branches`.
-    """
-    file = resolve_checkpoint(path)
-    if not file.exists():
-        raise HydraError(f"hydra.init_from={path}: {file} does not exist; train that run first or fix the path")
-    ckpt = load_checkpoint(file)
-    theirs = ckpt["model"]
-    if any(k.startswith("branches.") for k in theirs):
-        if upcycle is False:
-            raise HydraError(f"hydra.init_from {path} is a HydraNet, which is copied whole, but hydra.upcycle=false "
-                             "asks for its stem only; drop hydra.upcycle=false, or start from a baseline")
-        return upcycle_branches(model, theirs, path)
-    stages = {k[len("stages."):]: v for k, v in theirs.items() if k.startswith("stages.")}
-    problem = _misfit(model.stem, stages)
-    if problem:
-        raise HydraError(f"hydra.init_from {path}: its stages do not fit the HydraNet's stem ({problem}); "
-                         "use a baseline of the same backbone and hydra.stem_width=1.0")
-    model.stem.load_state_dict({k: stages[k] for k in model.stem.state_dict()})
-    if upcycle is False:
-        return []
-    split, tail = len(model.stem), len(model.branches[0]) - 4
-    mapped = {}
-    for key, value in theirs.items():
-        head, _, rest = key.partition(".")
-        if head == "stages" and int(rest.split(".")[0]) >= split:
-            index, _, rest = rest.partition(".")
-            mapped[f"{int(index) - split}.{rest}"] = value
-        elif head == "final":
-            mapped[f"{tail}.{rest}"] = value
-    skip = f"{tail + 3}."
-    same_classifier = tuple(theirs["fc.weight"].shape) == tuple(model.classifier.weight.shape)
-    classifier_problem = None if same_classifier else (
-        f"the baseline's classifier {tuple(theirs['fc.weight'].shape)} to fit this HydraNet's "
-        f"{tuple(model.classifier.weight.shape)}")
-    proj = model.branches[0][-1]
-    branch_problem = _misfit(model.branches[0], mapped, skip)
-    if branch_problem is None and proj.in_features != proj.out_features:
-        branch_problem = f"hydra.feature_dim equal to the branch width ({proj.in_features}), got {proj.out_features}"
-    branch_problem = branch_problem or classifier_problem
-    shared = model.shared
-    gate_problem = _misfit(model.gate, mapped, skip)
-    if gate_problem is None and shared is not None and (shared.in_features != shared.out_features or not same_classifier):
-        gate_problem = classifier_problem or f"hydra.feature_dim equal to the gate width ({shared.in_features})"
-    if branch_problem is not None and gate_problem is not None:
-        if upcycle is None:
-            return []
-        raise HydraError(f"hydra.upcycle from {path} needs {branch_problem}; use hydra.branch_width=1.0 (or "
-                         "hydra.gate_width=1.0) with a baseline of the same backbone, or hydra.upcycle=false")
-    parts, feeds_classifier = [], False
-    with torch.no_grad():
-        if branch_problem is None:
-            for branch in model.branches:
-                _load_tail(branch, mapped, skip)
-                _set_linear(branch[-1], torch.eye(proj.in_features))
-            parts, feeds_classifier = ["branches"], True
-        if gate_problem is None:
-            _load_tail(model.gate, mapped, skip)
-            parts.append("gate")
-            if shared is not None:
-                _set_linear(shared, torch.eye(shared.in_features))
-                feeds_classifier = True
-                if branch_problem is not None:  # fresh branches add nothing yet: the network starts as its source
-                    for branch in model.branches:
-                        _set_linear(branch[-1], torch.zeros_like(branch[-1].weight))
-        if feeds_classifier:
-            model.classifier.load_state_dict({"weight": theirs["fc.weight"], "bias": theirs["fc.bias"]})
-    return parts
-
-
-def upcycle_branches(model: HydraNet, theirs: dict, path: str) -> list[str]:
-    """Start a HydraNet as a trained one of the same shape with fewer branches (sparse upcycling).
-
-    Branch ``b`` and the gate's score for it copy the source's branch ``b mod B_source``; every other
-    part is copied as is. The new network computes what its source did (each image's chosen branch is
-    a copy of the branch it ran there) and specialises its copies from that point on: e.g. a
-    one-branch network trained half the schedule, then forked into B branches for the rest.
-    """
-    src_b = 1 + max(int(k.split(".")[1]) for k in theirs if k.startswith("branches."))
-    if model.num_branches < src_b:
-        raise HydraError(f"hydra.init_from {path}: a HydraNet with {src_b} branches cannot start one with fewer "
-                         f"({model.num_branches}); use hydra.num_branches >= {src_b}")
-    head = f"gate.{len(model.gate) - 1}."
-    rows = torch.arange(model.num_branches) % src_b
-    mapped = {}
-    for key in model.state_dict():
-        if key == "membership":
-            continue
-        if key.startswith("branches."):
-            _, index, rest = key.split(".", 2)
-            mapped[key] = theirs.get(f"branches.{int(index) % src_b}.{rest}")
-        elif key.startswith(head) and key in theirs:
-            mapped[key] = theirs[key][rows]
-        else:
-            mapped[key] = theirs.get(key)
-    problem = _misfit(model, mapped, "membership", "the source")
-    unused = [k for k in theirs if k != "membership" and k not in mapped and not k.startswith("branches.")]
-    problem = problem or (f"the source's tensor {unused[0]} has no place in this one" if unused else None)
-    if problem:
-        raise HydraError(f"hydra.init_from {path}: that HydraNet does not fit this one ({problem}); "
-                         "use one of the same backbone, widths and hydra.shared_path")
-    model.load_state_dict(mapped, strict=False)
-    return ["stem", "branches", "gate", "classifier"]
-
-
-def _load_tail(module: nn.Module, mapped: dict, skip: str) -> None:
-    """Load the baseline's later stages (``mapped``) into a branch or the gate, all but its head."""
-    module.load_state_dict({k: mapped[k] for k in module.state_dict() if not k.startswith(skip)}, strict=False)
-
-
-def _set_linear(layer: nn.Linear, weight: torch.Tensor) -> None:
-    layer.weight.copy_(weight)
-    layer.bias.zero_()
-
-
-def _misfit(module: nn.Module, source: dict, skip: str | None = None, theirs: str = "the baseline") -> str | None:
-    """The first of ``module``'s tensors that ``source`` lacks or has in another shape, described."""
-    for k, v in module.state_dict().items():
-        if (skip is None or not k.startswith(skip)) and (source.get(k) is None or source[k].shape != v.shape):
-            return f"its tensor {k} {tuple(v.shape)} ({theirs} has " + \
-                (f"{tuple(source[k].shape)})" if source.get(k) is not None else "none)")
-    return None
-
-
 def channels_last_hazard(model: nn.Module) -> str | None:
     """The name of a convolution whose channels_last backward pass crashes PyTorch on the CPU, or None.
 
@@ -341,20 +207,6 @@ def channels_last_hazard(model: nn.Module) -> str | None:
     return None
 
 
-def kept_checkpoint(epoch: int) -> str:
-    """Where a run keeps its checkpoint after ``epoch`` (``train.keep_epochs``), relative to its folder."""
-    return f"checkpoints/epoch{epoch}.pt"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file (a folder holding only its ``model.safetensors``
-    -> that file)."""
-    path = Path(path)
-    if path.is_dir() and not (path / CHECKPOINT).exists() and (path / "model.safetensors").exists():
-        return path / "model.safetensors"
-    return path / CHECKPOINT if path.is_dir() else path
-
-
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """A trained model in eval mode from a run folder, a checkpoint or a ``model.safetensors``, with its
     checkpoint dict (for safetensors: the weights and the metadata written with them)."""
@@ -366,133 +218,6 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     model = build_model(info, part, topk=topk)
     load_state(model, ckpt["model"], file)
     return model.to(device).eval(), ckpt
-
-
-# ---------------------------------------------------------------- the run folder
-def saved_config(out: Path) -> Config | None:
-    """The resolved config a run folder was made with, or None where it has none."""
-    if not (out / "config.yaml").exists():
-        return None
-    import yaml
-    try:
-        data = yaml.safe_load((out / "config.yaml").read_text())
-    except yaml.YAMLError:
-        data = None
-    if not isinstance(data, dict):
-        raise HydraError(f"{out / 'config.yaml'} is empty or not a config; restore it, or start again with --overwrite")
-    return config_from_dict(data)
-
-
-# Where a run's inputs lie: a finished run folder copied or moved elsewhere (with its inputs) is the same run.
-_LOCATIONS = {"root", "partition", "init_from", "teacher"}
-
-
-def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run unless asked; a resumed run must have the same model and data."""
-    if out.exists() and not out.is_dir():
-        raise HydraError(f"out={out} is a file; a run needs a folder: give another out=")
-    if resume and overwrite:
-        raise HydraError("--resume continues the run in the folder and --overwrite replaces it; give one of them")
-    finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
-    if overwrite:
-        return
-    if resume:
-        old = saved_config(out)
-        if old is not None:
-            dense = not (old.hydra.enabled or cfg.hydra.enabled)  # a dense run ignores the hydra section
-            for section in ("data", "model", "optim") if dense else ("data", "model", "optim", "hydra"):
-                a, b = getattr(old, section).__dict__, getattr(cfg, section).__dict__
-                # the optimiser's state holds for the same optimiser; its settings (lr, decay, ...) may change
-                diff = [k for k in a if a[k] != b[k] and (section != "optim" or k == "name")
-                        and not (finished and k in _LOCATIONS)]
-                if diff:
-                    raise HydraError(f"run folder {out} was made with {section}.{diff[0]}={a[diff[0]]!r}, "
-                                     f"not {b[diff[0]]!r}; resume with the same config or choose another out=")
-            was, now = old.train.epochs, cfg.train.epochs
-            if was != now and finished:
-                raise HydraError(f"run folder {out} holds a run that finished its train.epochs={was}; a finished run "
-                                 f"is not extended: train {now} epochs in a new run (another out=) or with --overwrite")
-            if was != now and cfg.optim.schedule != "constant" and cfg.optim.schedule_epochs is None:
-                raise HydraError(f"run folder {out} was made with train.epochs={was}, not {now}; its "
-                                 f"{cfg.optim.schedule} learning-rate schedule follows it, so resume with "
-                                 f"train.epochs={was}, or start again with --overwrite")
-    elif finished:
-        raise HydraError(f"run folder {out} already holds a finished run; pass --resume (nothing to do) or "
-                         "--overwrite, or choose another out=")
-    elif started:
-        raise HydraError(f"run folder {out} holds an unfinished run; pass --resume to continue it or --overwrite")
-
-
-def run_precision(out: Path, precision: str, device: torch.device, resume: bool, say: bool = True) -> str:
-    """The precision to train in: ``auto`` resolved for this device, except that a resumed run keeps the precision
-    it started in where the device runs it (a run half in bf16 and half in fp32 is neither), with a note."""
-    here = resolve_precision(precision, device)
-    if not (resume and precision == "auto" and (out / CHECKPOINT).exists() and (out / "config.yaml").exists()):
-        return here
-    started = saved_config(out).train.precision
-    if started == here or started not in ("fp32", "bf16", "fp16"):
-        return here
-    usable = started in ("fp32", "bf16") or (started == "fp16" and device.type == "cuda")
-    if say:
-        print(f"note: {out} was started in {started}; " + (
-            f"it continues in {started} (train.precision=auto picks {here} here; set train.precision={here} to "
-            "switch)" if usable else f"{started} does not run on {device.type}, so it continues in {here}"),
-            file=sys.stderr, flush=True)
-    return started if usable else here
-
-
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Create the run folder; with ``overwrite``, clear what an earlier run left there."""
-    if overwrite and out.exists():
-        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors",
-                     "config.yaml", "tensorboard"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _csv_fields(row: dict) -> dict:
-    return {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items() if k != "routing_matrix"}
-
-
-def append_metrics(out: Path, row: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    flat = _csv_fields(row)
-    new = not (out / "metrics.csv").exists()
-    with open(out / "metrics.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat))
-        if new:
-            w.writeheader()
-        w.writerow(flat)
-
-
-def truncate_metrics(out: Path, epochs_done: int) -> None:
-    """Keep only the metric rows of the epochs the checkpoint holds, in both files. An epoch's row is written before
-    its checkpoint, so a run killed between the two (or in the middle of a row) left rows its resumption writes again."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the last line, torn by the kill
-            continue
-        if row["epoch"] <= epochs_done:
-            rows.append(row)
-    table = io.StringIO()
-    if rows:
-        w = csv.DictWriter(table, fieldnames=list(_csv_fields(rows[0])))
-        w.writeheader()
-        w.writerows(_csv_fields(r) for r in rows)
-    atomic_write_text("".join(json.dumps(r) + "\n" for r in rows), path)
-    atomic_write_text(table.getvalue(), out / "metrics.csv")
-
-
-def read_metrics(out: str | Path) -> list[dict]:
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 # ---------------------------------------------------------------- the loop

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import kept_checkpoint, load_checkpoint, resolve_checkpoint
 from ..config import Config, PartitionConfig, _merge, config_from_dict
 from ..cost import compare_speed, count_params, first_images, model_macs
 from ..errors import HydraError
@@ -17,7 +17,7 @@ from ..evaluate import AUTOCAST_DTYPES, evaluate, resolve_precision, subtask_rec
 from ..machine import machine_info
 from ..partition import Partition
 from ..pipeline import _device, compute_partition
-from ..train import kept_checkpoint, load_data, load_trained, resolve_checkpoint, train
+from ..train import load_data, load_trained, train
 from .compare import compare_rows, trained_precisions
 from .protocol import (all_entries, entry_partition_from, model_config, partition_path, partition_source, protocol_dir,
                        repeats_of, split_source, stops_early)
