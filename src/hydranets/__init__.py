@@ -4,6 +4,7 @@ Wide networks of class-specialised branches, of which only the top-k chosen by a
 """
 from . import models  # noqa: F401  (registers the backbone families)
 from .errors import HydraError
+from .export import export_model, load_exported
 from .hydranet import HydraNet, HydraOutput, build_hydranet
 from .inference import fold_batchnorms, load_model, predict
 from .models import Backbone
@@ -12,4 +13,5 @@ from .registry import create_model, is_model, list_models, register_model
 
 __version__ = "0.1.0"
 __all__ = ["Backbone", "HydraError", "HydraNet", "HydraOutput", "Partition", "build_hydranet", "create_model",
-           "fold_batchnorms", "is_model", "list_models", "load_model", "predict", "register_model", "__version__"]
+           "export_model", "fold_batchnorms", "is_model", "list_models", "load_exported", "load_model", "predict",
+           "register_model", "__version__"]

@@ -1,4 +1,4 @@
-"""The ``hydranets`` command line: train, eval, predict, partition, pipeline, report, bench, models."""
+"""The ``hydranets`` command line: train, eval, predict, export, partition, pipeline, report, bench, models."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,32 @@ def cmd_predict(args) -> None:
         write_json(rows, json_out)
 
 
+def cmd_export(args) -> None:
+    import torch
+
+    from .export import export_model
+    from .hydranet import HydraNet
+    from .inference import load_model
+    if args.out is not None and Path(args.out).is_dir():
+        raise HydraError(f"--out {args.out} is a folder; give a file name, e.g. {Path(args.out) / 'model.pt2'}")
+    given = output_file(args.out, "--out")
+    run = Path(args.run)
+    folder = run if run.is_dir() else run.parent.parent if run.parent.name == "checkpoints" else run.parent
+    out = given or folder / "model.pt2"
+    if out.exists() and not args.overwrite:
+        raise HydraError(f"{out} exists; pass --overwrite to replace it or --out elsewhere")
+    model = load_model(args.run, args.device, fold=True)
+    hydra = isinstance(model, HydraNet)
+    if args.topk is not None and not hydra:
+        raise HydraError(f"{args.run} is a dense model; --topk is for HydraNets")
+    path = export_model(model, out, topk=args.topk)
+    size = path.stat().st_size
+    kind = f"HydraNet, B={model.num_branches}, k={model.topk if args.topk is None else args.topk}" if hydra else "dense"
+    device = next(model.parameters()).device
+    print(f"wrote {path} ({size / 1e6:.2f} MB, {size:,} bytes): {kind}, batch norms folded, any batch size, for torch "
+          f"{torch.__version__} on {'the CPU' if device.type == 'cpu' else device}")
+
+
 def cmd_partition(args) -> None:
     from .config import config_from_dict
     from .partition import format_partition, partition_filename
@@ -247,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fold", action="store_true", help="run the model as trained (default: batch norms folded)")
     p.add_argument("--json", help="also write the predictions to this file")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("export", help="a trained model as a torch.export program (.pt2) that runs without hydranets")
+    p.add_argument("run", help="run folder, checkpoint file or model.safetensors")
+    p.add_argument("--out", help="the .pt2 file (default: RUN/model.pt2)")
+    p.add_argument("--topk", type=int, help="the k a HydraNet is exported at (default: its own)")
+    p.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    p.add_argument("--device", default="cpu", help="where the program will run: cpu (default) or cuda")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("partition", help="subtasks from a trained baseline run")
     p.add_argument("run", help="baseline run folder or checkpoint")

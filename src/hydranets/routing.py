@@ -20,6 +20,8 @@ def dispatch(x: torch.Tensor, branches: Sequence[nn.Module], route: torch.Tensor
     are scattered back (index_add); a single image skips the grouping. A branch with no images does not run. ``route`` and ``weight``
     are (N, k); the result is (N, out_features).
     """
+    if torch.compiler.is_exporting():  # torch.export: the same computation in tensor ops only (no routing baked in)
+        return dispatch_traceable(x, branches, route, weight, out_features)
     n, k = route.shape
     if n == 1:  # one image (batch-1 inference): call its branches directly, in branch order as below
         out = None
@@ -49,6 +51,23 @@ def dispatch(x: torch.Tensor, branches: Sequence[nn.Module], route: torch.Tensor
             out = out.index_add(0, rows, y)
         start += count
     return out if out is not None else x.new_zeros(n, out_features)
+
+
+def dispatch_traceable(x: torch.Tensor, branches: Sequence[nn.Module], route: torch.Tensor, weight: torch.Tensor,
+                       out_features: int) -> torch.Tensor:
+    """:func:`dispatch` without data-dependent Python, as ``torch.export`` needs (it takes this path while exporting).
+
+    Each branch still runs only on its own images: their rows (``nonzero`` of ``route == b``: a size only known at
+    run time, possibly 0) are gathered, the branch runs on them and its weighted outputs are added back to their rows
+    (index_add), branch after branch in order, as :func:`dispatch` adds them. Every branch is called, on no images
+    where none is routed to it; the batch size is never read as a number, so one exported program serves every batch.
+    """
+    out = None
+    for b, branch in enumerate(branches):
+        rows, slots = (route == b).nonzero(as_tuple=True)
+        y = branch(x[rows]) * weight[rows, slots][:, None].to(x.dtype)
+        out = (y.new_zeros(x.shape[0], out_features) if out is None else out).index_add(0, rows, y)
+    return out
 
 
 def run_all(x: torch.Tensor, branches: Sequence[nn.Module], weight: torch.Tensor) -> torch.Tensor:
