@@ -27,7 +27,7 @@ from hydranets.data import (
     load_splits,
     make_imagefolder_loader,
 )
-from hydranets.data import datasets as D
+from hydranets.data import cifar, decode, fashion_mnist, tiny_imagenet
 from hydranets.errors import HydraError
 
 RNG = np.random.default_rng(1234)
@@ -237,7 +237,7 @@ def test_cifar_download_uses_overridable_url(tmp_path, server, monkeypatch):
     make_cifar10(tmp_path / "src")
     archive = tar_gz(tmp_path / "src" / "cifar-10-batches-py", served / "cifar-10-python.tar.gz")
     monkeypatch.setenv("HYDRANETS_CIFAR_URL", url + "/")
-    monkeypatch.setitem(D.CIFAR_MD5, "cifar10", md5(archive))
+    monkeypatch.setitem(cifar.CIFAR_MD5, "cifar10", md5(archive))
     with pytest.raises(HydraError, match="download=True"):
         load_dataset("cifar10", root=tmp_path / "dl")
     ds = load_dataset("cifar10", "train", root=tmp_path / "dl", download=True)
@@ -339,8 +339,8 @@ def test_fashion_mnist_bad_files(tmp_path):
 def test_fashion_mnist_download(tmp_path, server, monkeypatch):
     served, url, hits = server
     make_fashion(served)
-    for name in D.FASHION_MNIST_MD5:
-        monkeypatch.setitem(D.FASHION_MNIST_MD5, name, md5(served / name))
+    for name in fashion_mnist.FASHION_MNIST_MD5:
+        monkeypatch.setitem(fashion_mnist.FASHION_MNIST_MD5, name, md5(served / name))
     monkeypatch.setenv("HYDRANETS_FASHION_MNIST_URL", url)
     ds = load_dataset("fashion-mnist", "test", root=tmp_path / "fm", download=True)
     assert len(ds) == 5
@@ -379,7 +379,7 @@ def test_tiny_imagenet_folder_cache_sees_replaced_and_added_images(tmp_path, mon
         raise AssertionError("decoded again instead of reading the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(D, "_decode_image", broken)
+        m.setattr(decode, "_decode_image", broken)
         assert torch.equal(load_dataset("tiny-imagenet", "train", root=tree["root"], cache_dir=cache).images,
                            first.images)
 
@@ -413,7 +413,7 @@ def test_tiny_imagenet_archive_matches_folder_and_caches(tmp_path, monkeypatch):
     def broken(*args):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(D, "_decode_image", broken)
+    monkeypatch.setattr(decode, "_decode_image", broken)
     again_train, again_test = load_splits("tiny-imagenet", root=archive, cache_dir=cache)
     assert torch.equal(again_train.images, train.images) and again_train.classes == train.classes
     assert np.array_equal(again_test.images.numpy(), vx) and again_test.mean == train.mean
@@ -426,12 +426,12 @@ def test_tiny_imagenet_tar_formats_and_pool(tmp_path, monkeypatch):
     long_dir = tree["root"] / "train" / WNIDS[1] / "images"
     long_name = "x" * 120 + ".png"
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(long_dir / long_name)
-    monkeypatch.setattr(D, "POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(decode, "POOL_MIN_IMAGES", 1)
     results = []
     for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         archive = tar_gz(tree["root"], tmp_path / f"tiny{fmt}.tar.gz", fmt)
-        fast = list(D._fast_tar_files(archive, lambda n: True))
-        slow = list(D._tarfile_files(archive, lambda n: True))
+        fast = list(tiny_imagenet._fast_tar_files(archive, lambda n: True))
+        slow = list(tiny_imagenet._tarfile_files(archive, lambda n: True))
         assert fast == slow and any(n.endswith(long_name) for n, _ in fast)
         results.append(load_dataset("tiny-imagenet", root=archive, cache_dir=tmp_path / f"c{fmt}"))
     assert torch.equal(results[0].images, results[1].images) and len(results[0]) == 10
@@ -458,7 +458,7 @@ def test_real_tiny_imagenet_val_split(tiny_imagenet_archive, tmp_path, monkeypat
     assert torch.bincount(ds.labels).tolist() == [50] * 10
     assert ds.classes[0] == "goldfish" and len(ds.classes) == 10
     assert all(0.1 < m < 0.9 for m in ds.mean) and all(0.1 < s < 0.5 for s in ds.std)
-    monkeypatch.setattr(D, "_decode_image", None)  # the train split comes from the cache the first load wrote
+    monkeypatch.setattr(decode, "_decode_image", None)  # the train split comes from the cache the first load wrote
     train = load_dataset("tiny-imagenet", "train", root=tiny_imagenet_archive, classes=10, cache_dir=tmp_path)
     assert train.images.shape == (5000, 3, 32, 32) and train.mean == ds.mean
 
@@ -798,7 +798,7 @@ def test_folder_batches_crops_survive_a_resume_and_any_worker_count(tmp_path):
 def test_a_places_augmentation_is_the_same_for_every_world_size(world_size, drop_last):
     """Rank r's row j of batch b is global place ws*(b*bs + j) + r: it must hold the image, crop, flip and cutout
     that one process gives that place, also when the ranks' share of n = 11 images is padded or cut."""
-    from hydranets.data.datasets import ImageDataset
+    from hydranets.data.image_dataset import ImageDataset
     from hydranets.data.loader import BatchLoader
     n, bs = 11, 2
     images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -65,13 +65,13 @@ def rows_metrics(tmp_path):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the 16-CPU case on a smaller machine
 def test_imagefolder_workers_default_to_at_most_the_cpus(tmp_path, monkeypatch):
     """data.workers unset: 4 decoding processes, or as many as the CPUs this process may use where fewer."""
-    import hydranets.data.datasets as datasets
+    import hydranets.data.decode as decode
     from hydranets.distributed import Runtime
     from hydranets.train import make_loaders
     make_folder(tmp_path / "data", size=8, per_class=2)
     rt = Runtime(0, 1, 0, torch.device("cpu"))
     for cpus, expected in ((2, 2), (16, 4)):
-        monkeypatch.setattr(datasets, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(decode, "usable_cpus", lambda: cpus)
         cfg = load_config(overrides=["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.image_size=8"])
         train_b, test_b, _ = make_loaders(cfg, rt)
         assert train_b.loader.num_workers == test_b.loader.num_workers == expected

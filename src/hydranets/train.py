@@ -83,7 +83,7 @@ def make_loaders(cfg: Config, rt: distributed.Runtime) -> tuple[Iterable, Iterab
         if d.augment != "crop_flip" or d.cutout:
             raise HydraError("data.augment and data.cutout do not apply to data.name=imagefolder, whose training images "
                              "get random-resized crops and flips; leave them at crop_flip and 0")
-        from .data.datasets import usable_cpus
+        from .data.decode import usable_cpus
         workers = min(4, usable_cpus()) if d.workers is None else d.workers
         common = dict(image_size=d.image_size, workers=workers, device=rt.device, channels_last=t.channels_last)
         train_b = FolderBatches(d.root, "train", per_rank, True, seed=t.seed, rank=rt.rank, world_size=rt.world_size,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import HydraError
-from .datasets import ImageDataset
+from .image_dataset import ImageDataset
 from .imagefolder import IMAGE_SUFFIXES, _pil, resize_center_crop, resize_crop_centre
 
 

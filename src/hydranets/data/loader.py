@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HydraError
-from .datasets import ImageDataset
+from .image_dataset import ImageDataset
 
 AUGMENTS = ("crop_flip", "none")
 PAD_MODES = ("zeros", "reflect")

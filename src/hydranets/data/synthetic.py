@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .datasets import ImageDataset
+from .image_dataset import ImageDataset
 
 
 def synthetic_splits(num_classes: int = 10, train_per_class: int = 40, test_per_class: int = 10, size: int = 16,
