@@ -4,6 +4,7 @@ import http.server
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
 import threading
@@ -419,6 +420,31 @@ def test_tiny_imagenet_archive_matches_folder_and_caches(tmp_path, monkeypatch):
     assert np.array_equal(again_test.images.numpy(), vx) and again_test.mean == train.mean
     with pytest.raises(HydraError, match="cannot decode"):
         load_dataset("tiny-imagenet", root=archive, classes=1, cache_dir=cache)
+
+
+def test_tiny_imagenet_cache_of_an_earlier_state_is_removed(tmp_path, capsys):
+    """A source that changed (here: the archive's time stamp) decodes again and deletes its earlier cache files, and
+    those named as earlier versions named them; another source's files and foreign files stay."""
+    tree = make_tiny(tmp_path / "data")
+    archive = tar_gz(tree["root"], tmp_path / "tiny.tar.gz")
+    folder = tmp_path / "cache" / "tiny-imagenet"
+    load_splits("tiny-imagenet", root=archive, cache_dir=tmp_path / "cache")
+    first = sorted(p.name for p in folder.iterdir())
+    assert len(first) == 2 and all(re.fullmatch(r"(train|test)-all-[0-9a-f]{8}-[0-9a-f]{12}\.npz", n) for n in first)
+    kept = ["train-all-00000000-111111111111.npz", "notes.npz", "train-all-old.npz"]
+    for name in kept + ["test-100-0123456789abcdef.npz"]:
+        (folder / name).write_bytes(b"x" * 1000)
+    capsys.readouterr()
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
+    train, _ = load_splits("tiny-imagenet", root=archive, cache_dir=tmp_path / "cache")
+    now = sorted(p.name for p in folder.iterdir())
+    assert not set(first) & set(now) and len(now) == 2 + len(kept) and set(kept) <= set(now)
+    assert [n.split("-")[2] for n in now if n not in kept] == [first[0].split("-")[2]] * 2  # the same source
+    err = capsys.readouterr().err
+    assert "removed 3 stale cache file(s)" in err
+    assert torch.equal(train.images, load_dataset("tiny-imagenet", "train", root=archive,
+                                                  cache_dir=tmp_path / "cache").images)
+    assert "stale" not in capsys.readouterr().err
 
 
 def test_tiny_imagenet_tar_formats_and_pool(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import re
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -44,7 +45,9 @@ def _tiny_source(root: str | Path | None, cache_dir: str | Path | None) -> Path:
 
 
 def _source_key(source: Path) -> str:
-    """A short hash that changes whenever the archive, or any text or image file of the folder, changes."""
+    """``<where>-<what>``: a short hash of the source's path, then one that changes whenever the archive, or any
+    text or image file of the folder, changes (so a cache file whose ``where`` matches and ``what`` does not is
+    stale)."""
     source = source.resolve()
     stamps = [source]
     if source.is_dir():
@@ -56,7 +59,8 @@ def _source_key(source: Path) -> str:
             parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     if source.is_dir():
         parts.append(_folder_images_digest(source))
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+    where = hashlib.sha1(str(source).encode()).hexdigest()[:8]
+    return f"{where}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:12]}"
 
 
 def _folder_images_digest(folder: Path) -> str:
@@ -95,6 +99,30 @@ def _cache_file(cache: Path, key: str, split: str, classes: int | None) -> Path:
     return cache / "tiny-imagenet" / f"{split}-{'all' if classes is None else classes}-{key}.npz"
 
 
+# Cache files of this reader: <split>-<classes>-<where>-<what>.npz, and the one-hash names of earlier versions.
+_CACHE_NAME = re.compile(r"(train|test)-(all|\d+)-(?:([0-9a-f]{8})-[0-9a-f]{12}|[0-9a-f]{16})\.npz")
+
+
+def _prune_stale_cache(cache: Path, key: str) -> None:
+    """Delete the cache files of an earlier state of the same source (and those named as earlier versions named
+    them, which nothing reads any more): each is 15-300 MB, and a source that changes (or is copied again, with a
+    new time stamp) would otherwise leave one behind every time. Says what it freed."""
+    where, freed, names = key.split("-")[0], 0, []
+    for path in (cache / "tiny-imagenet").glob("*.npz"):
+        m = _CACHE_NAME.fullmatch(path.name)
+        if m is None or path.name.endswith(f"-{key}.npz") or m.group(3) not in (where, None):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        freed, names = freed + size, names + [path.name]
+    if names:
+        print(f"tiny-imagenet: removed {len(names)} stale cache file(s) of an earlier state of the data or an earlier "
+              f"hydranets ({freed / 1e6:.0f} MB) from {cache / 'tiny-imagenet'}", file=sys.stderr, flush=True)
+
+
 def _load_tiny_imagenet(root: str | Path | None, cache_dir: str | Path | None, classes: int | None,
                         splits: Sequence[str]) -> dict[str, ImageDataset]:
     if classes is not None:
@@ -108,6 +136,7 @@ def _load_tiny_imagenet(root: str | Path | None, cache_dir: str | Path | None, c
     built = _build_tiny_imagenet(source, classes)
     for split, ds in built.items():
         _save_npz(_cache_file(cache, key, split, classes), _to_cache_arrays(ds))
+    _prune_stale_cache(cache, key)
     missing = [s for s in splits if s not in built]
     if missing:
         raise HydraError(f"tiny-imagenet: {source} has no labelled val/ split (val/val_annotations.txt and "
