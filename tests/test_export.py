@@ -30,17 +30,25 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def routed_hydranet(topk: int = 1) -> tuple[hydranets.HydraNet, torch.Tensor]:
-    """A folded B=3 HydraNet whose gate spreads images over every branch (an untrained gate sends all to one:
-    its last layer is set to random directions around the pooled features' mean), and 64 random 16x16 images."""
+def routed_hydranet(topk: int = 1, fold: bool = True, backbone: str = "resnet_cifar",
+                    **kwargs) -> tuple[hydranets.HydraNet, torch.Tensor]:
+    """A B=3 HydraNet (folded; with ``fold=False`` as built, its batch norms given statistics) whose gate spreads images over every branch (an untrained gate
+    sends all to one: its last layer is set to random directions around the pooled features' mean), and 64 random
+    16x16 images."""
     torch.manual_seed(0)
-    model = hydranets.build_hydranet("resnet_cifar", 10, num_branches=B, topk=topk, depth=8, width=0.5).eval()
+    kwargs = kwargs or {"depth": 8, "width": 0.5}
+    model = hydranets.build_hydranet(backbone, 10, num_branches=B, topk=topk, **kwargs).eval()
     x = torch.randn(64, 3, 16, 16)
     with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and not fold):  # not 0 and 1
+            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
         feats = model.gate[:-1](model.stem(x))
         head = model.gate[-1]
         head.weight.copy_(torch.randn_like(head.weight))
         head.bias.copy_(-(head.weight @ feats.mean(0)))
+    if not fold:
+        return model, x
     folded, pairs = hydranets.fold_batchnorms(model)
     assert pairs > 0
     return folded, x
@@ -129,6 +137,20 @@ def test_hydranet_exported_at_another_k(tmp_path):
     for n in (1, 5, 64):
         assert same(eager(program, x[:n]), eager(model, x[:n], topk=2))
     assert not torch.allclose(eager(program, x), eager(model, x, topk=1), atol=1e-3)
+
+
+@pytest.mark.parametrize("backbone, kwargs", [("resnet_cifar", {"depth": 8, "width": 0.5}),
+                                             ("densenet_bc", {"depth": 10, "growth": 4})])
+def test_batch_norms_not_folded_export_too(tmp_path, backbone, kwargs):
+    """Batch norms left in the branches (a model not folded, or DenseNet's, which no convolution precedes) export
+    as a scale and shift; torch.export refuses batch_norm on a branch's data-dependent number of images."""
+    model, x = routed_hydranet(fold=False, backbone=backbone, **kwargs)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.branches.modules())
+    program, _ = load_exported(export_model(model, tmp_path / "m.pt2", x[:1]))
+    assert len(set(routes(model, x)[:, 0].tolist())) == B
+    for batch in (x, x[:1], x[routes(model, x)[:, 0] != 0]):  # every branch; one image; branch 0 with none
+        assert same(eager(program, batch), eager(model, batch))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.branches.modules())  # the model itself untouched
 
 
 def test_dense_model(tmp_path):

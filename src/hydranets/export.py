@@ -10,6 +10,7 @@ correctly (tried on the CPU: wrong logits, and batches above 15 refused), so it 
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -22,6 +23,35 @@ from .errors import HydraError
 
 METADATA_FILE = "hydranets.json"  # the metadata's name among the .pt2's extra files
 FORMAT = 1
+
+
+class _FrozenNorm(nn.Module):
+    """An eval-mode batch norm as a per-channel scale and shift: the same outputs, without ``batch_norm``'s check for
+    an empty batch, which ``torch.export`` cannot decide on a branch's data-dependent number of images (batch norms
+    that no convolution precedes, as in DenseNet, stay after folding)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(shape).to(x.dtype) + self.shift.view(shape).to(x.dtype)
+
+
+def _frozen_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every batch norm that keeps running statistics as a :class:`_FrozenNorm`."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_var is not None:
+                setattr(parent, name, _FrozenNorm(child))
+    return model
 
 
 class _AtTopk(nn.Module):
@@ -69,16 +99,12 @@ def export_model(model: nn.Module, path: str | Path, example: torch.Tensor | Non
                          f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
     # Batch 2 for the trace: export specialises a dimension of size 1, which would make the batch size fixed.
     example = example[:1].expand(2, *example.shape[1:]).contiguous()
-    module = _AtTopk(model, k) if hydra else model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            num_classes = module(example).shape[1]
-            program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                                          strict=False)
-    finally:
-        model.train(was_training)
+    frozen = _frozen_norms(model).eval()
+    module = _AtTopk(frozen, k) if hydra else frozen
+    with torch.no_grad():
+        num_classes = module(example).shape[1]
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                      strict=False)
     meta = {"format": FORMAT, "kind": "hydranet" if hydra else "dense", "model": type(model).__name__,
             "topk": k, "num_branches": model.num_branches if hydra else None, "num_classes": num_classes,
             "input_shape": list(example.shape[1:]), "dtype": str(dtype).removeprefix("torch."),
