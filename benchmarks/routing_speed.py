@@ -14,6 +14,7 @@ import torch
 
 import hydranets
 from hydranets.cost import compare_speed, model_macs
+from hydranets.distributed import pick_device
 
 
 def main() -> None:
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="256,1")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     if args.threads:
@@ -37,8 +39,10 @@ def main() -> None:
     candidates = {"dense (all branches)": (model, {"routing": "soft"})}
     candidates.update({f"top-{k}": (model, {"routing": "topk", "topk": k}) for k in ks})
     macs = {name: model_macs(model, size, batch_size=64, **kw) for name, (_, kw) in candidates.items()}
+    device = pick_device(args.device)
+    model.to(device)
     rows = []
-    print(f"{args.model}, {args.classes} classes, B={B}, input {size}, torch {torch.__version__}, "
+    print(f"{args.model}, {args.classes} classes, B={B}, input {size}, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'routing':<22}{'batch':>6}{'MMACs/img':>11}{'MAC ratio':>10}{'images/s':>11}{'speedup':>9}{'speedup/MAC ratio':>19}")
     for bs in (int(b) for b in args.batch_sizes.split(",")):
