@@ -50,6 +50,7 @@ def spread_hydranet(topk: int) -> tuple[torch.nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("topk", [1, 2])
 def test_topk_dispatch_on_the_device_equals_the_cpu(device, topk):
+    """Grouped by branch on the device: the CPU's routes and logits, and those of each image run alone there."""
     model, x = spread_hydranet(topk)
     on = copy.deepcopy(model).to(device)
     with torch.no_grad():
@@ -59,6 +60,8 @@ def test_topk_dispatch_on_the_device_equals_the_cpu(device, topk):
             got, ref = on(batch.to(device), return_gate=True), model(batch, return_gate=True)
             assert got.logits.device.type == device.type
             assert torch.equal(got.route.cpu(), ref.route) and close(got.logits, ref.logits)
+            one_by_one = torch.cat([on(image[None].to(device)) for image in batch])  # the batch-1 path, no grouping
+            assert close(got.logits, one_by_one)
 
 
 def test_batches_on_the_device_equal_the_cpus(device):
