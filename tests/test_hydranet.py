@@ -111,6 +111,20 @@ def test_default_routing_follows_mode(hydra):
     assert hydra(x, return_gate=True).route.shape == (4, 3)
 
 
+def test_a_topk_that_would_do_nothing_is_refused_not_ignored():
+    torch.manual_seed(0)
+    hydra = build_hydranet("resnet20", num_classes=16, num_branches=8, topk=2).train()
+    x = torch.randn(4, 3, 32, 32)
+    for kwargs, words in (({"topk": 1}, "topk=1 has no effect under soft routing"),
+                          ({"topk": 9}, "topk must be an integer from 1 to the number of branches \\(8\\)"),
+                          ({"topk": 1, "routing": "topk", "route": torch.zeros(4, 2, dtype=torch.long) + torch.arange(2)},
+                           "topk=1 has no effect with a route given")):
+        with pytest.raises(HydraError, match=words):
+            hydra(x, **kwargs)
+    assert hydra(x, routing="topk", topk=1, return_gate=True).route.shape == (4, 1)   # asked for, it runs
+    assert hydra.eval()(x, topk=3, return_gate=True).route.shape == (4, 3)
+
+
 def test_active_params():
     model = build_hydranet("resnet20", num_classes=10, num_branches=4, topk=1)
     per_branch = count_params(model.branches[0])

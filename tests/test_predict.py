@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -201,7 +202,6 @@ def test_cli_predict_bad_input(runs, capsys, tmp_path):
 def _synced_replaces(monkeypatch) -> list[tuple[str, bool, int | None]]:
     """Spy on os.replace: (target name, whether the file renamed had been fsynced, its folder's inode) for each
     call, then ("folder synced", True, None) once the folder holding it is fsynced after the rename."""
-    import os
     synced, replaced = set(), []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -235,6 +235,25 @@ def test_saved_files_are_synced_before_they_replace_the_old_ones(tmp_path, monke
     assert loaded["model_info"] == {"name": "resnet_cifar"}
     assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl", "model.safetensors"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_saved_files_get_the_permissions_of_a_plainly_written_file(tmp_path):
+    from hydranets.checkpoint import atomic_save, atomic_write_text, save_safetensors
+    model = hydranets.create_model("resnet_cifar", num_classes=10, depth=8, width=0.25)
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        save_safetensors(model, tmp_path / "model.safetensors", {"model_info": {}})
+        atomic_save({"model": model.state_dict()}, tmp_path / "last.pt")
+        atomic_write_text("{}", tmp_path / "summary.json")
+        os.umask(0o077)
+        atomic_write_text("{}", tmp_path / "private.json")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"plain.txt": 0o644, "model.safetensors": 0o644, "last.pt": 0o644, "summary.json": 0o644,
+                     "private.json": 0o600}
 
 
 def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, monkeypatch):

@@ -16,12 +16,17 @@ CHECKPOINT = "checkpoints/last.pt"
 
 def _replace_synced(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path`` (its folders made), sync it, rename it over ``path`` and sync the
-    folder: a crash, a power cut or a full disk leaves the old file or the new, never half of one."""
+    folder: a crash, a power cut or a full disk leaves the old file or the new, never half of one. The file gets the
+    permissions a plain ``open`` gives (some writers, e.g. safetensors, create theirs readable by the owner only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        if os.name == "posix":
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

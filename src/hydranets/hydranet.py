@@ -120,10 +120,16 @@ class HydraNet(nn.Module):
         gate_feats = self.gate[:-1](feats)
         gate_logits = self.gate[-1](gate_feats)
         routing = _check_routing(routing or (self.train_routing if self.training else "topk"))
+        if topk is not None:
+            _check_topk(topk, self.num_branches)
+            if route is not None or routing != "topk":
+                why = "with a route given" if route is not None else "under soft routing (the default in training mode)"
+                raise HydraError(f"topk={topk} has no effect {why}; leave it out, or pass routing='topk' (or call "
+                                 ".eval()) to run top-k")
         if route is not None:
             route = _check_route(route, x.shape[0], self.num_branches).to(x.device, torch.long)
         if route is None and routing == "topk":
-            k = self.topk if topk is None else _check_topk(topk, self.num_branches)
+            k = self.topk if topk is None else topk
             scores = gate_logits.detach().float()
             if force is not None:
                 if force.shape != gate_logits.shape:
