@@ -16,7 +16,7 @@ from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import evaluate
 from hydranets.partition import partition_random
 from hydranets.train import load_trained
-from helpers import one_error_line, run_cli as run, train_pair
+from helpers import one_error_line, run_cli as run, snapshot, train_pair
 
 BASE = ["data.name=synthetic", "model.name=resnet_cifar", "model.kwargs={depth: 8, width: 0.5}",
         "data.augment=none", "optim.lr=0.2", "optim.warmup_epochs=0", "train.epochs=3", "train.batch_size=32",
@@ -247,6 +247,49 @@ def test_train_bad_value_and_missing_config(capsys, tmp_path):
     assert code == 2 and "train.epochs" in one_error_line(err)
     code, _, err = run(capsys, "train", "--config", str(tmp_path / "none.yaml"))
     assert code == 2 and "does not exist" in one_error_line(err)
+
+
+def test_train_and_pipeline_refuse_each_others_folders(runs, capsys, tmp_path, monkeypatch):
+    """Each wrote its config.yaml (and more) into the other's folder, which it then refused as its own."""
+    import hydranets.train as train_mod
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained into another's folder"))
+    pipe = tmp_path / "pipe"
+    (pipe / "baseline").mkdir(parents=True)
+    (pipe / "config.yaml").write_text("out: somewhere\n")
+    (pipe / "partition.json").write_text("{}")
+    before = snapshot(pipe)
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        code, _, err = run(capsys, "train", *BASE, f"out={pipe}", *flags)
+        assert code == 2
+        one_error_line(err, f"out={pipe} holds a pipeline (baseline, partition.json)", str(pipe / "baseline"))
+        assert snapshot(pipe) == before
+    before = snapshot(runs["baseline"])
+    code, _, err = run(capsys, "pipeline", *BASE, f"out={runs['baseline']}")
+    assert code == 2
+    one_error_line(err, "holds a training run (checkpoints, summary.json, metrics.jsonl, model.safetensors)")
+    assert snapshot(runs["baseline"]) == before
+
+
+def test_resume_of_a_folder_without_a_run_says_it_starts_afresh(runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("hydranets.train.train", lambda cfg, resume, overwrite: {})
+    (tmp_path / "empty").mkdir()
+    for out, noted in ((tmp_path / "empty", True), (tmp_path / "typo", True), (runs["baseline"], False)):
+        code, _, err = run(capsys, "train", *BASE, f"out={out}", "--resume")
+        assert code == 0 and (f"note: {out} holds no checkpoint to resume" in err) == noted, err
+
+
+def test_options_are_not_abbreviated(capsys, tmp_path):
+    for argv in (["train", *BASE, f"out={tmp_path / 'r'}", "--resum"], ["eval", "x", "--rep", "1"],
+                 ["bench", "pareto", "--conf", "x.yaml"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and ("unrecognized arguments" in err or "required: --config" in err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_empty_topk_is_refused(runs, capsys):
+    code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "", *SPEED)
+    assert code == 2
+    one_error_line(err, "--topk '' must be comma-separated integers")
 
 
 # ---------------------------------------------------------------- help

@@ -332,6 +332,16 @@ def test_too_many_branches_fails_before_training(tmp_path, capsys, monkeypatch):
     assert not (out / "config.yaml").exists() and not (out / "baseline").exists()
 
 
+def test_a_class_without_training_images_fails_before_training(tmp_path, capsys, monkeypatch):
+    """The subtasks need every class; a train_subset too small to hold one stopped the pipeline only after the
+    baseline had trained."""
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
+    code, _, err = pipeline(capsys, tmp_path / "run", "data.train_subset=6")
+    assert code == 2
+    one_error_line(err, "have no training images (data.train_subset=6)", "larger train_subset")
+    assert not (tmp_path / "run").exists()
+
+
 def test_topk_above_branches_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
     code, _, err = pipeline(capsys, tmp_path / "run", f"hydra.topk={BRANCHES + 1}")

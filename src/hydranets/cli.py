@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -39,8 +40,13 @@ def _config(args):
 
 
 def cmd_train(args) -> None:
+    from .checkpoint import CHECKPOINT
     from .train import train
-    summary = train(_config(args), resume=args.resume, overwrite=args.overwrite)
+    cfg = _config(args)
+    out = Path(cfg.out)
+    if args.resume and not args.overwrite and not any((out / f).exists() for f in (CHECKPOINT, "summary.json")):
+        print(f"note: {out} holds no checkpoint to resume; --resume starts the run from epoch 1", file=sys.stderr)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if summary:
         print(json.dumps(summary, indent=1))
 
@@ -77,10 +83,10 @@ def cmd_eval(args) -> None:
     size = tuple(test_set.images.shape[1:])
     hydra = isinstance(model, HydraNet)
     try:
-        ks = [int(k) for k in args.topk.split(",")] if args.topk else ([model.topk] if hydra else [None])
+        ks = [int(k) for k in args.topk.split(",")] if args.topk is not None else ([model.topk] if hydra else [None])
     except ValueError:
         raise HydraError(f"--topk {args.topk!r} must be comma-separated integers, e.g. 1,2,4") from None
-    if not hydra and args.topk:
+    if not hydra and args.topk is not None:
         raise HydraError(f"{args.run} is a {ckpt['model_info']['name']} baseline; --topk is for HydraNets")
     rows, candidates = [], {}
     folded, _ = fold_batchnorms(model)
@@ -236,8 +242,9 @@ def cmd_bench_pareto(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hydranets", description="HydraNets: train, evaluate and measure "
-                                 "networks of class-specialised branches.")
-    sub = ap.add_subparsers(dest="command", required=True)
+                                 "networks of class-specialised branches.", allow_abbrev=False)
+    exact = functools.partial(argparse.ArgumentParser, allow_abbrev=False)   # `--over` is not --overwrite
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=exact)
 
     def with_config(p):
         p.add_argument("--config", help="YAML config (see configs/)")
@@ -295,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_partition)
 
     p = sub.add_parser("report", help="plots and a self-contained report.html for a pipeline folder")
-    p.add_argument("run")
+    p.add_argument("run", help="the pipeline folder (the out= of `hydranets pipeline`)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks; `bench pareto`: a HydraNet family against a baseline family")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="pareto")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="pareto", parser_class=exact)
     p = bench.add_parser("pareto", help="train (resumable), evaluate and compare the families of a protocol")
     p.add_argument("--config", required=True, help="protocol YAML (configs/bench/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the shared base config")

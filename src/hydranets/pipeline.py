@@ -22,7 +22,7 @@ from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
 from .partition import Partition, class_mean_outputs, format_partition, make_partition
 from .checkpoint import kept_checkpoint
-from .run_folder import saved_config
+from .run_folder import PIPELINE_FILES, RUN_FILES, holds, saved_config
 from .train import load_data, load_trained, train
 
 # Settings that may change between a pipeline run and its resumption.
@@ -57,8 +57,11 @@ def check_pipeline_dir(cfg: Config) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise HydraError(f"out={out} is a file; the pipeline needs a folder: give another out=")
+    if found := holds(out, RUN_FILES):
+        raise HydraError(f"out={out} holds a training run ({', '.join(found)}), not a pipeline, and is never mixed "
+                         "with one: give the pipeline another out=")
     saved = out / "config.yaml"
-    if saved.exists() and any((out / n).exists() for n in ("baseline", "partition.json", "hydranet", "eval.json")):
+    if saved.exists() and holds(out, PIPELINE_FILES):
         import yaml
         old, new = config_from_dict(yaml.safe_load(saved.read_text())).to_dict(), cfg.to_dict()
         for section, values in new.items():
@@ -88,6 +91,10 @@ def check_pipeline_args(cfg: Config) -> None:
                          "leave pipeline.hydra_epochs and optim.schedule_start unset and pipeline.init_stem true")
     train_set, _ = load_data(cfg)
     n, h = len(train_set.classes), cfg.hydra
+    empty = (torch.bincount(train_set.labels, minlength=n) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise HydraError(f"class(es) {empty[:5]} have no training images (data.train_subset="
+                         f"{cfg.data.train_subset}), and the subtasks need every class; take a larger train_subset")
     if not 1 <= h.num_branches <= n:
         raise HydraError(f"hydra.num_branches={h.num_branches} must be from 1 to the {n} classes of "
                          f"{cfg.data.name}; choose at most that many subtasks")

@@ -34,6 +34,16 @@ def saved_config(out: Path) -> Config | None:
     return config_from_dict(data)
 
 
+# What a folder of each kind holds at its top: `hydranets train` and `hydranets pipeline` refuse each other's folders.
+RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "model.safetensors")
+PIPELINE_FILES = ("baseline", "hydranet", "partition.json", "eval.json")
+
+
+def holds(out: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the folder ``out`` holds."""
+    return [n for n in names if (out / n).exists()]
+
+
 # Where a run's inputs lie: a finished run folder copied or moved elsewhere (with its inputs) is the same run.
 _LOCATIONS = {"root", "partition", "init_from", "teacher"}
 
@@ -44,6 +54,10 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
         raise HydraError(f"out={out} is a file; a run needs a folder: give another out=")
     if resume and overwrite:
         raise HydraError("--resume continues the run in the folder and --overwrite replaces it; give one of them")
+    if found := holds(out, PIPELINE_FILES):
+        raise HydraError(f"out={out} holds a pipeline ({', '.join(found)}), not a training run, and is never replaced "
+                         f"by one (not even with --overwrite): give another out= (its runs are {out / 'baseline'} "
+                         f"and {out / 'hydranet'})")
     finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
     if overwrite:
         return
