@@ -68,6 +68,8 @@ def test_eval_sweeps_topk(runs, capsys, tmp_path):
     code, out, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "1,2", "--json", str(rows_file), *SPEED)
     assert code == 0, err
     assert "HydraNet of resnet_cifar, B=2 on synthetic (100 test images)" in out
+    assert err.splitlines() == ["evaluating k=1 on 100 test images ...", "evaluating k=2 on 100 test images ...",
+                                "timing images/s at batch 32: 4 variants, median of 1 interleaved runs ..."]
     printed = eval_rows(out)
     assert [r[0] for r in printed] == ["1", "2"]
     macs = [float(r[6]) for r in printed]

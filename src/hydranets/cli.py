@@ -92,12 +92,15 @@ def cmd_eval(args) -> None:
     folded, _ = fold_batchnorms(model)
     for k in ks:
         kw = {"topk": k} if hydra else {}
+        print(f"evaluating{f' k={k}' if hydra else ''} on {len(test_set)} test images ...", file=sys.stderr, flush=True)
         ev = evaluate(model, batches, topk=k, precision=cfg.train.precision, true_route=hydra, shuffled_branches=hydra)
         rows.append({"k": k, "top1": ev["top1"], "top5": ev["top5"], "gate_recall": ev.get("gate_recall"),
                      "true_route_top1": ev.get("true_route_top1"), "shuffled_top1": ev.get("shuffled_top1"),
                      "macs": model_macs(model, size, **kw), "active_params": active_params(model, k)})
         candidates[str(k)] = (model, kw)
         candidates[f"{k} folded"] = (folded, kw)
+    print(f"timing images/s at batch {args.speed_batch}: {len(candidates)} variants, median of {args.repeats} "
+          "interleaved runs ...", file=sys.stderr, flush=True)
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
                           autocast=AUTOCAST_DTYPES.get(cfg.train.precision),
                           images=first_images(batches, args.speed_batch), channels_last=cfg.train.channels_last)
