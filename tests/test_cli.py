@@ -288,6 +288,15 @@ def test_options_are_not_abbreviated(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_partition_negative_seed_is_refused_before_the_baseline_is_read(runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("hydranets.train.load_trained", lambda *a, **k: pytest.fail("read the run before the seed"))
+    code, _, err = run(capsys, "partition", str(runs["baseline"]), "-B", "2", "--seed", "-3",
+                       "--out", str(tmp_path / "p.json"))
+    assert code == 2
+    one_error_line(err, "must be an integer >= 0, got -3")
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_eval_empty_topk_is_refused(runs, capsys):
     code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "", *SPEED)
     assert code == 2

@@ -791,6 +791,7 @@ VALID = "protocol: x\nbase: {}\npartition_from: a\nbaselines: [{name: a}]\nhydra
 
 @pytest.mark.parametrize("text, words", [
     ("protocol: x\n  bad: [\n", "is not valid YAML"),
+    (VALID + "baselines: [{name: b}]\n", "key 'baselines' is given twice in one mapping (line 6)"),
     ("", "must hold a mapping (protocol, base, baselines, ...), got NoneType"),
     ("- a\n- b\n", "must hold a mapping (protocol, base, baselines, ...), got list"),
     (VALID.replace("base: {}", "base: null"), "base must be a mapping of config sections, got None"),

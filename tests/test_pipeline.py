@@ -342,6 +342,15 @@ def test_a_class_without_training_images_fails_before_training(tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_negative_partition_seed_fails_before_training(tmp_path, capsys, monkeypatch):
+    """numpy refused it only when the subtasks were computed, after the baseline, and the folder then kept it."""
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
+    code, _, err = pipeline(capsys, tmp_path / "run", "partition.seed=-1")
+    assert code == 2
+    one_error_line(err, "partition seed (partition.seed, or partition --seed) must be an integer >= 0, got -1")
+    assert not (tmp_path / "run").exists()
+
+
 def test_topk_above_branches_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained despite bad input"))
     code, _, err = pipeline(capsys, tmp_path / "run", f"hydra.topk={BRANCHES + 1}")

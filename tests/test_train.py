@@ -771,6 +771,32 @@ def test_resume_checks_the_checkpoint_itself(diverged, capsys, tmp_path, overrid
     assert snapshot(out) == before
 
 
+def test_a_damaged_saved_config_is_named_on_resume(diverged, capsys, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(diverged[0], out)
+    saved = (out / "config.yaml").read_text()
+    for text, words in ((saved.replace("  epochs:", "  epoch:"), ["unknown config key 'train.epoch'"]),
+                        (saved + "train: {}\n", ["is not a readable config (key 'train' is given twice"]),
+                        ("- 1\n", ["is empty or not a config"])):
+        (out / "config.yaml").write_text(text)
+        before = snapshot(out)
+        code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=2", "--resume")
+        assert code == 2
+        one_error_line(err, str(out / "config.yaml"), *words)
+        assert snapshot(out) == before
+
+
+def test_the_test_subset_is_the_same_for_every_seed():
+    """Repeats are compared on their test top-1, so they must be measured on the same images (it was drawn with
+    train.seed); the training subset still follows the seed."""
+    from hydranets.train import load_data
+    sets = [load_data(load_config(overrides=["data.name=synthetic", "data.train_subset=50", "data.test_subset=30",
+                                             f"train.seed={seed}"])) for seed in (0, 1)]
+    (train0, test0), (train1, test1) = sets
+    assert torch.equal(test0.images, test1.images) and torch.equal(test0.labels, test1.labels) and len(test0) == 30
+    assert not torch.equal(train0.images, train1.images)
+
+
 def test_resume_after_nan_with_sane_lr_finishes(diverged, capsys, tmp_path):
     """Continues (a copy of) the diverged run from its epoch-1 checkpoint with a sane lr."""
     out = tmp_path / "copy"

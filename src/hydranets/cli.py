@@ -175,11 +175,12 @@ def cmd_export(args) -> None:
 
 def cmd_partition(args) -> None:
     from .config import config_from_dict
-    from .partition import format_partition, partition_filename
+    from .partition import check_partition_seed, format_partition, partition_filename
     from .pipeline import compute_partition
     from .train import load_trained
     if args.branches < 1:
         raise HydraError(f"partition -B (the number of subtasks) must be at least 1, got {args.branches}")
+    check_partition_seed(args.seed)
     if args.overlap_balanced and not args.overlap:
         raise HydraError("--overlap-balanced spreads the second subtasks of --overlap; pass --overlap too")
     given = output_file(args.out, "--out")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -158,6 +159,33 @@ def _yaml():
     return yaml
 
 
+@functools.cache
+def _loader() -> type:
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+    yaml = _yaml()
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: set = set()
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (line {key_node.start_mark.line + 1}); "
+                        "keep one of them", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` read as YAML like ``yaml.safe_load``, but refusing duplicate keys (raises ``yaml.YAMLError``)."""
+    return _yaml().load(text, Loader=_loader())
+
+
 _SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -212,9 +240,10 @@ def parse_overrides(items: list[str]) -> dict:
             raise HydraError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            raise HydraError(f"override {item!r}: {raw!r} is not a YAML value; quote it (key='\"...\"') "
+            value = load_yaml(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise HydraError(f"override {item!r}: {raw!r} is not a YAML value ({why}); quote it (key='\"...\"') "
                              "or fix its brackets") from None
         node = out
         parts = key.strip().split(".")
@@ -246,11 +275,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise HydraError(f"config file {path} " + ("is a folder; give a .yaml file" if path.is_dir()
                                                        else "does not exist"))
         try:
-            loaded = _yaml().safe_load(path.read_text()) or {}
+            loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise HydraError(f"config file {path} is not UTF-8 text; give a YAML config file") from None
         except _yaml().YAMLError as e:
             raise HydraError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise HydraError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        config_from_dict(loaded, source=path)
         data = _merge(data, loaded)
     data = _merge(data, parse_overrides(overrides or []))
     cfg = Config()
@@ -258,9 +290,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, source: str | Path | None = None) -> Config:
+    """A checked Config from nested ``data``; ``source``, the file ``data`` was read from, is named in its errors."""
     cfg = Config()
-    _apply(cfg, data)
+    try:
+        _apply(cfg, data)
+    except HydraError as e:
+        if source is None:
+            raise
+        raise HydraError(f"config file {source}: {e}") from None
     return cfg
 
 

@@ -81,9 +81,18 @@ class Partition:
              expected_class_names: Sequence[str] | None = None) -> "Partition":
         """Read a partition saved by :meth:`save`; with ``expected_*`` also check it is for this data set."""
         try:
-            part = cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HydraError(f"cannot read partition file {path}: {e}") from None
+        shape = HydraError(f"partition file {path} must hold a JSON object with \"subsets\" (a list of lists of "
+                           f"class indices) and \"num_classes\", as `hydranets partition` writes it")
+        if not (isinstance(data, dict) and "num_classes" in data and isinstance(data.get("subsets"), list)
+                and all(isinstance(s, list) for s in data["subsets"])):
+            raise shape
+        try:
+            part = cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError):
+            raise shape from None
         except HydraError as e:
             raise HydraError(f"partition file {path}: {e}") from None
         if expected_num_classes is not None and part.num_classes != expected_num_classes:
@@ -153,6 +162,13 @@ def as_partition(partition: "Partition | Sequence[Sequence[int]]", num_classes: 
 
 
 METHODS = ("kmeans", "spectral", "random")
+
+
+def check_partition_seed(seed: object) -> None:
+    """Refuse a seed that numpy cannot seed the partition's random numbers with: it must be an integer >= 0."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise HydraError(f"the partition seed (partition.seed, or partition --seed) must be an integer >= 0, "
+                         f"got {seed!r}")
 
 
 def _check_counts(num_classes: int, num_subsets: int) -> None:
@@ -240,6 +256,7 @@ def kmeans(x: np.ndarray, k: int, seeds: int = 10, seed: int = 0, iters: int = 3
     if x.ndim != 2 or not np.isfinite(x).all():
         raise HydraError(f"k-means needs a finite 2-D array, got shape {x.shape}")
     _check_counts(x.shape[0], k)
+    check_partition_seed(seed)
     if seeds < 1:
         raise HydraError(f"seeds must be at least 1, got {seeds}")
     rng = np.random.default_rng(seed)
@@ -283,6 +300,7 @@ def balanced_kmeans(x: np.ndarray, k: int, seeds: int = 10, seed: int = 0, iters
 
     Returns centroids, subsets and the inertia (sum of squared distances to the own centroid).
     """
+    check_partition_seed(seed)
     if seeds < 1:
         raise HydraError(f"seeds must be at least 1, got {seeds}")
     best: tuple[np.ndarray, list[list[int]], float] | None = None
@@ -424,6 +442,7 @@ def partition_random(num_classes: int, num_subsets: int, seed: int = 0,
                      class_names: Sequence[str] | None = None) -> Partition:
     """The control: classes shuffled into B subsets of balanced size, the same for the same seed."""
     _check_counts(num_classes, num_subsets)
+    check_partition_seed(seed)
     names = _check_names(class_names, num_classes)
     order = np.random.default_rng(seed).permutation(num_classes)
     bounds = np.cumsum([0] + _balanced_sizes(num_classes, int(num_subsets)))
@@ -440,6 +459,7 @@ def make_partition(method: str, *, num_subsets: int, descriptors: "np.ndarray | 
         raise HydraError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
     if (overlap or overlap_balanced) and method != "kmeans":
         raise HydraError(f"overlapping subsets are only made by method 'kmeans', not {method!r}")
+    check_partition_seed(seed)
     given = {"descriptors": descriptors, "confusion": confusion}
     if method == "kmeans":
         if descriptors is None:

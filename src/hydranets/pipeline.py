@@ -20,7 +20,7 @@ from .cost import active_params, compare_speed, count_params, first_images, mode
 from .errors import HydraError
 from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
-from .partition import Partition, class_mean_outputs, format_partition, make_partition
+from .partition import Partition, check_partition_seed, class_mean_outputs, format_partition, make_partition
 from .checkpoint import kept_checkpoint
 from .run_folder import PIPELINE_FILES, RUN_FILES, holds, saved_config
 from .train import load_data, load_trained, train
@@ -62,8 +62,7 @@ def check_pipeline_dir(cfg: Config) -> None:
                          "with one: give the pipeline another out=")
     saved = out / "config.yaml"
     if saved.exists() and holds(out, PIPELINE_FILES):
-        import yaml
-        old, new = config_from_dict(yaml.safe_load(saved.read_text())).to_dict(), cfg.to_dict()
+        old, new = saved_config(out).to_dict(), cfg.to_dict()
         for section, values in new.items():
             if not isinstance(values, dict):
                 continue
@@ -78,6 +77,7 @@ def check_pipeline_dir(cfg: Config) -> None:
 def check_pipeline_args(cfg: Config) -> None:
     """Settings that cannot work, alone or with this data set, caught before the baseline is trained."""
     p = cfg.pipeline
+    check_partition_seed(cfg.partition.seed)
     for key, value in (("hydra_epochs", p.hydra_epochs), ("speed_batch", p.speed_batch),
                        ("speed_repeats", p.speed_repeats)):
         if value is not None and value < 1:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CHECKPOINT, atomic_write_text
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, load_yaml
 from .errors import HydraError
 from .evaluate import resolve_precision
 
@@ -25,13 +25,15 @@ def saved_config(out: Path) -> Config | None:
     if not (out / "config.yaml").exists():
         return None
     import yaml
+    path = out / "config.yaml"
     try:
-        data = yaml.safe_load((out / "config.yaml").read_text())
-    except yaml.YAMLError:
-        data = None
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        why = getattr(e, "problem", None) or type(e).__name__
+        raise HydraError(f"{path} is not a readable config ({why}); restore it, or start again with --overwrite") from None
     if not isinstance(data, dict):
-        raise HydraError(f"{out / 'config.yaml'} is empty or not a config; restore it, or start again with --overwrite")
-    return config_from_dict(data)
+        raise HydraError(f"{path} is empty or not a config; restore it, or start again with --overwrite")
+    return config_from_dict(data, source=path)
 
 
 # What a folder of each kind holds at its top: `hydranets train` and `hydranets pipeline` refuse each other's folders.

@@ -28,7 +28,7 @@ from .checkpoint import (CHECKPOINT, atomic_save, atomic_write_text, check_compa
                          load_checkpoint, load_safetensors, load_state, resolve_checkpoint, save_safetensors)
 from .config import Config, DataConfig, OptimConfig, save_config
 from .data.inputs import InputSpec
-from .errors import HydraError, is_whole
+from .errors import HydraError, is_positive_real, is_whole
 from .evaluate import autocast_for, evaluate
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
 from .machine import machine_info
@@ -63,8 +63,8 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
                                           cache_dir=d.cache_dir)
     if d.train_subset:
         train_set = _subset(train_set, d.train_subset, cfg.train.seed)
-    if d.test_subset:
-        test_set = _subset(test_set, d.test_subset, cfg.train.seed)
+    if d.test_subset:  # the same test images for every seed: their top-1 are compared
+        test_set = _subset(test_set, d.test_subset, 0)
     return train_set, test_set
 
 
@@ -235,7 +235,9 @@ def check_optim(o: OptimConfig) -> None:
     for key, ok, need in (("lr", o.lr > 0, "> 0"), ("momentum", 0 <= o.momentum < 1, "in [0, 1)"),
                           ("weight_decay", o.weight_decay >= 0, ">= 0"),
                           ("label_smoothing", 0 <= o.label_smoothing < 1, "in [0, 1)"),
-                          ("warmup_epochs", o.warmup_epochs >= 0, ">= 0"), ("grad_clip", o.grad_clip >= 0, ">= 0")):
+                          ("warmup_epochs", o.warmup_epochs >= 0, ">= 0"), ("grad_clip", o.grad_clip >= 0, ">= 0"),
+                          ("schedule_epochs", o.schedule_epochs is None or is_positive_real(o.schedule_epochs),
+                           "> 0, or null for train.epochs")):
         if not ok:
             raise HydraError(f"optim.{key} must be {need}, got {getattr(o, key)!r}")
 
@@ -253,6 +255,9 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         if not is_whole(value, least):
             raise HydraError(f"train.{key} must be an integer >= {least}, got {value!r}")
     check_optim(cfg.optim)
+    if not (cfg.data.mixup == 0 or is_positive_real(cfg.data.mixup)):
+        raise HydraError(f"data.mixup must be a finite number >= 0 (alpha of its Beta(alpha, alpha); 0 turns it off), "
+                         f"got {cfg.data.mixup!r}")
     t.precision = run_precision(out, t.precision, rt.device, resume, say=rt.is_main)
     if t.precision == "fp16" and rt.device.type != "cuda":
         raise HydraError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")

@@ -21,13 +21,15 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> dict:
     """A protocol file read and checked (with ``key=value`` overrides of its shared base config), repeats expanded."""
     import yaml
 
-    from ..config import parse_overrides
+    from ..config import load_yaml, parse_overrides
     path = Path(path)
     if not path.is_file():
         raise HydraError(f"protocol file {path} " + ("is a folder; give a .yaml file" if path.is_dir()
                                                      else "does not exist"))
     try:
-        proto = yaml.safe_load(path.read_text())
+        proto = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HydraError(f"protocol file {path} is not UTF-8 text; give a YAML protocol file") from None
     except yaml.YAMLError as e:
         raise HydraError(f"protocol file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(proto, dict):
