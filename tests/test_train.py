@@ -609,6 +609,28 @@ def test_overwrite_starts_again_from_init_from_and_refuses_resume_too(finished, 
     assert code == 0 and f"stem from {finished}" in err and "nothing to do" not in err
     assert [r["epoch"] for r in read_metrics(tmp_path / "hydra")] == [1]
     assert snapshot(tmp_path / "hydra") != before
+    assert sorted(p.name for p in (tmp_path / "hydra").iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.csv", "metrics.jsonl", "model.safetensors", "summary.json"]
+
+
+def test_an_overwrite_that_fails_in_training_puts_the_old_run_back(finished, capsys, tmp_path, monkeypatch):
+    """--overwrite with a diverging lr deleted the finished run and left nothing; the old run now stays aside until
+    the new one has its first checkpoint, and comes back if it fails before (NaN, Ctrl-C)."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=1", "optim.lr=1e30", "--overwrite")
+    assert code == 2 and "back in" in err
+    one_error_line(err, "loss became nan")
+    assert snapshot(out) == before and not (out / ".replaced-run").exists()
+
+    def interrupted(*a, **k):
+        assert (out / ".replaced-run" / "summary.json").exists() and not (out / "summary.json").exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=1", "--overwrite")
+    assert code == 130 and snapshot(out) == before
 
 
 def test_overrides_may_follow_the_flags(finished, capsys):

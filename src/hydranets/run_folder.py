@@ -108,14 +108,46 @@ def run_precision(out: Path, precision: str, device: torch.device, resume: bool,
     return started if usable else here
 
 
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "config.yaml",
+                "tensorboard")
+REPLACED = ".replaced-run"
+
+
+def _clear(out: Path) -> None:
+    for name in _RUN_OUTPUTS:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Create the run folder; with ``overwrite``, clear what an earlier run left there."""
+    """Create the run folder; with ``overwrite``, move what an earlier run left there into ``out/.replaced-run``,
+    deleted by :func:`settle_replaced` once the new run has its first checkpoint, and put back if it fails before."""
     if overwrite and out.exists():
-        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors",
-                     "config.yaml", "tensorboard"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        aside = out / REPLACED
+        if aside.exists():  # an earlier --overwrite was killed before its first checkpoint: that run stays aside
+            _clear(out)
+        else:
+            aside.mkdir()
+            for name in _RUN_OUTPUTS:
+                if (out / name).exists():
+                    (out / name).replace(aside / name)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def settle_replaced(out: Path, succeeded: bool) -> None:
+    """After ``--overwrite``: delete the replaced run once the new one has a checkpoint, or, where the new run
+    failed before that, delete what it wrote and put the replaced run back."""
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    if succeeded:
+        shutil.rmtree(aside)
+        return
+    _clear(out)
+    for p in aside.iterdir():
+        p.replace(out / p.name)
+    aside.rmdir()
+    print(f"note: the run that --overwrite was replacing is back in {out}", file=sys.stderr)
 
 
 def _csv_fields(row: dict) -> dict:

@@ -35,7 +35,8 @@ from .machine import machine_info
 from .partition import Partition
 from .registry import create_model, is_model
 from .routing import balance_loss, topk_route
-from .run_folder import append_metrics, check_run_dir, prepare_run_dir, read_metrics, run_precision, truncate_metrics
+from .run_folder import (append_metrics, check_run_dir, prepare_run_dir, read_metrics, run_precision, settle_replaced,
+                         truncate_metrics)
 from .upcycle import init_stem_from
 
 if TYPE_CHECKING:
@@ -226,6 +227,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     rt = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, rt, resume, overwrite)
+    except BaseException:
+        if overwrite and rt.is_main:
+            settle_replaced(Path(cfg.out), succeeded=False)
+        raise
     finally:
         distributed.teardown(rt)
 
@@ -385,6 +390,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
             if epoch + 1 in t.keep_epochs:
                 atomic_save(ckpt, out / kept_checkpoint(epoch + 1))
             atomic_save(ckpt, out / CHECKPOINT)
+            settle_replaced(out, succeeded=True)
             if writer is not None:
                 for k, v in row.items():
                     if isinstance(v, (int, float)):
