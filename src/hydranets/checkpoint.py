@@ -1,8 +1,10 @@
 """Checkpoints that survive a crash: atomic writes, plain tensors (``weights_only=True``), safetensors export."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,11 +52,47 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     _replace_synced(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, as one line naming ``path``, a file that cannot be written there (as :func:`atomic_save` writes it):
+    ``path`` is a folder or another non-regular file, a folder on its way is a file, or its folder cannot be made
+    or written in. Tried by making the missing folders and a temporary file in the last one, all removed again."""
+    path = Path(path)
+    made: list[Path] = []
+    step = f"cannot look into {path.parent}"
+    try:
+        if path.exists() and not path.is_file():
+            raise HydraError(f"cannot write {path}: it is {'a folder' if path.is_dir() else 'not a regular file'}; "
+                             "give the path of a file")
+        for folder in reversed([p for p in path.parents if not p.exists()]):
+            step = f"cannot make folder {folder}"
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: it is not ours to remove
+                folder.mkdir()
+                made.append(folder)
+        step = f"cannot create files in {path.parent}"
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+            pass
+    except OSError as e:
+        raise HydraError(f"cannot write {path}: {step} ({e.strerror or type(e).__name__}); choose a writable "
+                         "path") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # something another process put there stays, with its folder
+                folder.rmdir()
+
+
+def _check_file(path: Path, what: str) -> None:
+    """Refuse a ``path`` that does not exist, or is not a regular file (a folder, a device)."""
+    if not path.exists():
+        raise HydraError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise HydraError(f"{what} {path} is {'a folder' if path.is_dir() else 'not a regular file'}; give a run "
+                         "folder, its checkpoints/*.pt or its model.safetensors")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint with ``weights_only=True``; a missing or damaged file is one clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise HydraError(f"checkpoint {path} does not exist")
+    _check_file(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
@@ -101,8 +139,7 @@ def load_safetensors(path: str | Path) -> dict:
     except ImportError:
         raise HydraError("reading safetensors needs the safetensors package: pip install 'hydranets[train]'") from None
     path = Path(path)
-    if not path.is_file():
-        raise HydraError(f"weights file {path} does not exist")
+    _check_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}

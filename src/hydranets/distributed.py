@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -30,16 +31,35 @@ class Runtime:
         return self.world_size > 1
 
 
+def _usable(device_type: str) -> bool:
+    """Whether this torch build and machine can compute on ``device_type`` (other than cpu and cuda)."""
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    is_available = getattr(getattr(torch, device_type, None), "is_available", None)
+    try:
+        return callable(is_available) and bool(is_available())
+    except Exception:  # noqa: BLE001 - a backend that cannot even say is not usable
+        return False
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local CUDA device when there is one, else the CPU."""
+    """``auto`` -> the local CUDA device when there is one, else the CPU; a device this machine cannot compute on
+    is refused."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of deprecated names (mkldnn) that are refused below
+            device = torch.device(name)
+    except (RuntimeError, TypeError):
         raise HydraError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise HydraError(f"device {name!r} holds no data to compute on; use auto, cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HydraError(f"device {name!r} was asked for but no CUDA device is available; use auto or cpu")
+    if device.type not in ("cpu", "cuda") and not _usable(device.type):
+        raise HydraError(f"device {name!r} was asked for but this torch build has no usable {device.type} device; "
+                         "use auto, cpu or cuda")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

@@ -10,17 +10,22 @@ correctly (tried on the CPU: wrong logits, and batches above 15 refused), so it 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from .errors import HydraError
 
+# torch.export.load logs a traceback for a file it cannot read, and a warning for a name not ending in .pt2, before
+# raising; the raise becomes the one HydraError line.
+_LOAD_LOGGERS = ("torch.export", "torch.export.pt2_archive._package")
 METADATA_FILE = "hydranets.json"  # the metadata's name among the .pt2's extra files
 FORMAT = 1
 
@@ -76,11 +81,12 @@ def export_model(model: nn.Module, path: str | Path, example: torch.Tensor | Non
     its own ``topk``). Fold batch norms first (:func:`hydranets.fold_batchnorms`) for the faster program.
     """
     from . import __version__
-    from .checkpoint import _replace_synced
+    from .checkpoint import _replace_synced, check_writable
     from .hydranet import HydraNet, _check_topk
     path = Path(path)
     if path.is_dir():
         raise HydraError(f"{path} is a folder; give a file name, e.g. {path / 'model.pt2'}")
+    check_writable(path)
     hydra = isinstance(model, HydraNet)
     if topk is not None and not hydra:
         raise HydraError(f"topk is for HydraNets; this model is a dense {type(model).__name__}")
@@ -116,6 +122,20 @@ def export_model(model: nn.Module, path: str | Path, example: torch.Tensor | Non
     return path
 
 
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """The loggers ``names`` report errors only, for the block."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The callable program of a file from :func:`export_model` and its metadata (``inputs``: class names,
     normalisation, size; ``topk``, ``num_branches``, ``num_classes``, ``input_shape``, ``dtype``, ``torch``)."""
@@ -124,7 +144,8 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise HydraError(f"exported model {path} does not exist" if not path.exists() else f"{path} is not a file")
     extra = {METADATA_FILE: ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
+        with _quiet(_LOAD_LOGGERS):
+            program = torch.export.load(path, extra_files=extra)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged or foreign file)
         raise HydraError(f"{path} is not a readable torch.export program ({type(e).__name__}); export it again with "
                          f"`hydranets export` (and the torch version that will load it)") from None

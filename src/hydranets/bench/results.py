@@ -14,13 +14,27 @@ def precision_list(by_precision: dict[str, list[str]]) -> str:
     return "; ".join(f"{p}: {', '.join(names)}" for p, names in by_precision.items())
 
 
+def read_results(path: Path) -> dict:
+    """A saved ``<protocol>.json``; a damaged one is one line that says how to get it back."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HydraError(f"{path} is not readable results JSON ({e}); restore it from git, or delete it and evaluate "
+                         "every model again (--eval-only)") from None
+    rows = saved.get("rows") if isinstance(saved, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        raise HydraError(f"{path} is not the results of a protocol (no list of named rows); restore it from git, or "
+                         "delete it and evaluate every model again (--eval-only)")
+    return saved
+
+
 def check_results_kept(proto: dict, results_dir: str | Path, names: set[str]) -> None:
     """Refuse to replace ``<protocol>.json`` with results that lack some of its models (e.g. an evaluation in a
     checkout without their run folders): those measurements would be lost."""
     path = Path(results_dir) / f"{proto['protocol']}.json"
     if not path.exists():
         return
-    lost = [r["name"] for r in json.loads(path.read_text()).get("rows", []) if r["name"] not in names]
+    lost = [r["name"] for r in read_results(path)["rows"] if r["name"] not in names]
     if lost:
         raise HydraError(f"{path} holds results of {len(lost)} model(s) this evaluation would not have "
                          f"({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}: their runs are not here); "

@@ -3,7 +3,6 @@ one test set in one process (accuracy, routing diagnostics, MACs, measured speed
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ..train import load_data, load_trained, train
 from .compare import compare_rows, trained_precisions
 from .protocol import (all_entries, entry_partition_from, model_config, partition_path, partition_source, protocol_dir,
                        repeats_of, split_source, stops_early)
-from .results import precision_list
+from .results import precision_list, read_results
 
 def _finished(cfg: Config, role: str) -> str:
     if not (Path(cfg.out) / "summary.json").exists():
@@ -222,7 +221,7 @@ def add_repeats(proto: dict, results_dir: str | Path) -> dict:
     path = Path(results_dir) / f"{proto['protocol']}.json"
     if not path.exists():
         raise HydraError(f"{path} does not exist; evaluate every model first (--eval-only), then add repeats to it")
-    saved = json.loads(path.read_text())
+    saved = read_results(path)
     have = {r["name"] for r in saved["rows"]}
     new = [(family, e) for family, entries in (("ablation", proto.get("ablations", [])),
                                                ("repeat", proto.get("repeats", [])))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import os
 import pickle
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ def cifar_url(key: str) -> str:
     return base.rstrip("/") + "/" + url.rsplit("/", 1)[1] if base else url
 
 
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
 def _cifar_folder(key: str, root: str | Path | None, download: bool, cache_dir: str | Path | None) -> Path:
     layout = _CIFAR_LAYOUT[key]
     folder, archive_name, meta = layout["folder"], layout["archive"], layout["meta"]
@@ -65,6 +73,10 @@ def _cifar_folder(key: str, root: str | Path | None, download: bool, cache_dir: 
     if archive.is_file():
         dest = archive.parent if os.access(archive.parent, os.W_OK) else _cache_root(cache_dir)
         if not (dest / folder / meta).is_file():
+            if not _is_tar(archive):
+                raise HydraError(f"{archive} is not a readable tar archive; give root= (data.root=) the CIFAR "
+                                 f"python-version .tar.gz or its extracted folder, or download=True "
+                                 f"(data.download=true) to fetch {url}")
             extract_archive(archive, dest, done=f"{folder}/{meta}")
         if not (dest / folder / meta).is_file():
             raise HydraError(f"{archive} does not hold {folder}/{meta}; use the official CIFAR python "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -141,6 +141,26 @@ def resize_crop_centre(im: Any, resized: tuple[int, int], crop: tuple[int, int])
     return im.crop((left, top, left + crop[0], top + crop[1]))
 
 
+def _worker_message(message: str) -> str:
+    """A HydraError's own line out of torch's re-raise of it from a worker: "Caught HydraError in DataLoader worker
+    process N.", then the worker's traceback, whose last line is ``hydranets.errors.HydraError: <message>``."""
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+class _FolderLoader(DataLoader):
+    """A DataLoader that reports a worker's HydraError as its one line, without torch's copy of the worker's
+    traceback."""
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from super().__iter__()
+        except HydraError as e:
+            if "\n" not in str(e):
+                raise
+            raise HydraError(_worker_message(str(e))) from None
+
+
 class EpochSampler(RandomSampler):
     """A shuffle whose order in epoch ``e`` depends only on ``seed`` and ``e`` once ``set_epoch(e)`` is called.
 
@@ -178,8 +198,8 @@ def make_imagefolder_loader(root: str | Path, split: str, batch_size: int, image
                                      drop_last=drop)
     elif shuffle:
         sampler = EpochSampler(dataset, seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=drop, generator=generator)
+    return _FolderLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                         drop_last=drop, generator=generator)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
