@@ -297,6 +297,21 @@ def test_partition_negative_seed_is_refused_before_the_baseline_is_read(runs, ca
     assert not (tmp_path / "p.json").exists()
 
 
+def test_a_folder_of_runs_names_them(runs, capsys, monkeypatch):
+    """A pipeline's folder given where a run is wanted said only that its checkpoints/last.pt does not exist."""
+    import torch
+
+    from hydranets.errors import HydraError
+    folder = runs["baseline"].parent
+    for argv in (["eval", str(folder), *SPEED], ["predict", str(folder), "x.png"], ["export", str(folder)]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2
+        one_error_line(err, f"{folder} holds no run itself", f"give one of {runs['baseline']}, {runs['hydranet']}")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(HydraError, match="no usable mps device"):
+        load_trained(runs["baseline"], "mps")
+
+
 def test_eval_empty_topk_is_refused(runs, capsys):
     code, _, err = run(capsys, "eval", str(runs["hydranet"]), "--topk", "", *SPEED)
     assert code == 2
@@ -359,6 +374,29 @@ def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
         line = one_error_line(err, "--json" if "--json" in argv else "--out")
         assert "folder" in line and "no-run" not in line
     assert not (tmp_path / "file" / "sub").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_unwritable_outputs_are_refused_before_the_work(runs, capsys, tmp_path, monkeypatch):
+    """Each was a PermissionError / FileNotFoundError traceback, for --json after the whole evaluation."""
+    import hydranets.bench.run as run_mod
+    import hydranets.train as train_mod
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained before checking out="))
+    monkeypatch.setattr(run_mod, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --results"))
+    monkeypatch.setattr("hydranets.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    protocol = tmp_path / "p.yaml"
+    protocol.write_text(f"protocol: x\nout: {tmp_path / 'runs'}\nbase: {{}}\npartition_from: a\n"
+                        "baselines: [{name: a}]\nhydranets: [{name: h}]\n")
+    nowhere = "/proc/no-such-folder"
+    cases = [(["train", *BASE, f"out={nowhere}/run"], f"cannot write {nowhere}/run/config.yaml"),
+             (["pipeline", *BASE, f"out={nowhere}/pipe"], f"cannot write {nowhere}/pipe/config.yaml"),
+             (["eval", str(runs["hydranet"]), "--json", f"{nowhere}/x.json", *SPEED], f"--json: cannot write {nowhere}"),
+             (["export", str(runs["hydranet"]), "--out", f"{nowhere}/m.pt2"], f"--out: cannot write {nowhere}"),
+             (["bench", "pareto", "--config", str(protocol), "--results", nowhere], f"--results: cannot write {nowhere}")]
+    for argv, words in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2, (argv, err)
+        one_error_line(err, words, f"cannot make folder {nowhere}", "choose a writable path")
 
 
 def test_bench_results_that_is_a_file_is_refused_before_training(capsys, tmp_path, monkeypatch):

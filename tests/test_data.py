@@ -541,6 +541,16 @@ def test_extract_archive_rejects_path_traversal(tmp_path):
     assert (dest / "data" / "inner" / "file.txt").read_bytes() == b"x"
 
 
+def test_extract_archive_of_a_file_that_is_no_archive_is_one_line(tmp_path):
+    """tarfile's message lists each compression it tried, a line each; the error keeps its first line."""
+    notes = tmp_path / "notes.tar.gz"
+    notes.write_text("not an archive\n")
+    with pytest.raises(HydraError) as e:
+        extract_archive(notes, tmp_path / "dest")
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"cannot extract {notes}: ")
+    assert "the archive is damaged, get it again" in str(e.value)
+
+
 # ------------------------------------------------------------------------------------- BatchLoader
 
 def loader_dataset(n: int = 50, h: int = 12, w: int = 10) -> ImageDataset:

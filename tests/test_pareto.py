@@ -405,6 +405,10 @@ def test_small_protocol_end_to_end(tmp_path, capsys):
     assert f"stem from {tmp_path / 'runs' / 'b1'}; branches and gate upcycled" in err  # both at full width
     assert f"stem from {tmp_path / 'runs' / 'c1' / 'checkpoints' / 'epoch1.pt'}; branches and gate upcycled" in err
     assert f"every part from {tmp_path / 'runs' / 'a3'}, its branches copied into this one's 4" in err
+    progress = [line for line in err.splitlines() if line.startswith("[bench smoke] evaluating") or "timing" in line]
+    assert progress == [f"[bench smoke] evaluating {name} on 100 test images" for name in (
+        "b1", "b2", "h1", "h2", "a1", "a3", "a4", "c1", "c2", "b1-s1", "h1-s1", "a3-s1")] + [
+        "[bench smoke] timing 12 models at batch 32 (median of 2 interleaved runs)"]
     assert [(r["name"], r["family"]) for r in result["rows"]] == [
         ("b1", "baseline"), ("b2", "baseline"), ("h1", "hydranet"), ("h2", "hydranet"), ("a1", "ablation"),
         ("a3", "ablation"), ("a4", "ablation"), ("c1", "check"), ("c2", "check"), ("b1-s1", "repeat"), ("h1-s1", "repeat"),

@@ -161,7 +161,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder or a checkpoint file -> the checkpoint file (a folder holding only its ``model.safetensors``
     -> that file)."""
     path = Path(path)
-    if path.is_dir() and not (path / CHECKPOINT).exists() and (path / "model.safetensors").exists():
-        return path / "model.safetensors"
+    if path.is_dir() and not (path / CHECKPOINT).exists():
+        if (path / "model.safetensors").exists():
+            return path / "model.safetensors"
+        runs = sorted(p for p in path.iterdir() if (p / CHECKPOINT).exists() or (p / "model.safetensors").exists())
+        if runs:  # e.g. a pipeline's folder, which holds its baseline and HydraNet runs
+            raise HydraError(f"{path} holds no run itself but runs in its folders: give one of "
+                             f"{', '.join(str(p) for p in runs[:4])}{', ...' if len(runs) > 4 else ''}")
     return path / CHECKPOINT if path.is_dir() else path
 

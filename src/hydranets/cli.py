@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from .checkpoint import check_writable
 from .errors import HydraError
 
 
 def output_file(path: str | None, flag: str) -> Path | None:
     """The file an option names for output, checked before the work (not after it): not a folder, and its missing
-    folders can be made (where the nearest existing one is a folder)."""
+    folders can be made (where the nearest existing one is a folder), and a file can be written there."""
     if path is None:
         return None
     out = Path(path)
@@ -23,6 +24,10 @@ def output_file(path: str | None, flag: str) -> Path | None:
         parent = parent.parent
     if not parent.is_dir():
         raise HydraError(f"{flag} {path}: {parent} is a file, not a folder; give another path")
+    try:
+        check_writable(out)
+    except HydraError as e:
+        raise HydraError(f"{flag}: {e}") from None
     return out
 
 
@@ -227,6 +232,7 @@ def cmd_bench_pareto(args) -> None:
         args.results = protocol_dir(proto) / "results" if args.smoke else Path("benchmarks/results")
     if Path(args.results).exists() and not Path(args.results).is_dir():
         raise HydraError(f"--results {args.results} is a file; give the folder for <protocol>.{{json,png,md}}")
+    output_file(str(Path(args.results) / f"{proto['protocol']}.json"), "--results")
     if not (args.replace_results or args.add_repeats or args.train_only or args.only):  # before the work, not after
         check_results_kept(proto, args.results, finished_entries(proto) if args.eval_only
                            else {e["name"] for e in all_entries(proto)})

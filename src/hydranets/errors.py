@@ -12,6 +12,13 @@ class HydraError(ValueError):
     """
 
 
+def reason(e: BaseException) -> str:
+    """An exception's message on one line, for a HydraError that names its cause: its first line (tarfile, for one,
+    lists each method it tried on a line of its own)."""
+    lines = str(e).strip().splitlines()
+    return lines[0].rstrip(": ") if lines else type(e).__name__
+
+
 def is_whole(v: object, least: int = 1) -> bool:
     """Whether ``v`` is an int (not a bool) of at least ``least``."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= least

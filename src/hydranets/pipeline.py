@@ -14,14 +14,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, check_writable, kept_checkpoint
 from .config import Config, config_from_dict, save_config
 from .cost import active_params, compare_speed, count_params, first_images, model_macs
 from .errors import HydraError
 from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
 from .partition import Partition, check_partition_seed, class_mean_outputs, format_partition, make_partition
-from .checkpoint import kept_checkpoint
 from .run_folder import PIPELINE_FILES, RUN_FILES, holds, saved_config
 from .train import load_data, load_trained, train
 
@@ -57,6 +56,7 @@ def check_pipeline_dir(cfg: Config) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise HydraError(f"out={out} is a file; the pipeline needs a folder: give another out=")
+    check_writable(out / "config.yaml")
     if found := holds(out, RUN_FILES):
         raise HydraError(f"out={out} holds a training run ({', '.join(found)}), not a pipeline, and is never mixed "
                          "with one: give the pipeline another out=")

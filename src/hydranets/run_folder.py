@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT, atomic_write_text
+from .checkpoint import CHECKPOINT, atomic_write_text, check_writable
 from .config import Config, config_from_dict, load_yaml
 from .errors import HydraError
 from .evaluate import resolve_precision
@@ -54,6 +54,7 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
     """Refuse to clobber a run unless asked; a resumed run must have the same model and data."""
     if out.exists() and not out.is_dir():
         raise HydraError(f"out={out} is a file; a run needs a folder: give another out=")
+    check_writable(out / "config.yaml")
     if resume and overwrite:
         raise HydraError("--resume continues the run in the folder and --overwrite replaces it; give one of them")
     if found := holds(out, PIPELINE_FILES):

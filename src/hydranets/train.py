@@ -218,7 +218,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     topk = ckpt.get("topk", ckpt.get("config", {}).get("hydra", {}).get("topk", 1))
     model = build_model(info, part, topk=topk)
     load_state(model, ckpt["model"], file)
-    return model.to(device).eval(), ckpt
+    return model.to(distributed.pick_device(device) if isinstance(device, str) else device).eval(), ckpt
 
 
 # ---------------------------------------------------------------- the loop

@@ -3,6 +3,7 @@ one test set in one process (accuracy, routing diagnostics, MACs, measured speed
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def _kept(cfg: Config, name: str, epoch: int, role: str) -> str:
     return str(path)
 
 
+def _say(proto: dict, message: str) -> None:
+    print(f"[bench {proto['protocol']}] {message}", file=sys.stderr, flush=True)
+
+
 def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None = None) -> dict | None:
     """Train what is missing (resuming), then evaluate all models and write the results.
 
@@ -45,7 +50,7 @@ def run_protocol(proto: dict, only_train: bool = False, only: list[str] | None =
     several processes can share one protocol's work without touching the same run folder.
     """
     protocol_dir(proto).mkdir(parents=True, exist_ok=True)
-    say = lambda m: print(f"[bench {proto['protocol']}] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    say = functools.partial(_say, proto)
     entries = all_entries(proto)
     unknown = sorted(set(only or []) - {e["name"] for e in entries})
     if unknown:
@@ -180,6 +185,7 @@ def evaluate_protocol(proto: dict) -> dict:
                     print(f"warning: {family} {entry['name']} has not finished training; the {family} curve is "
                           "compared without it", file=sys.stderr, flush=True)
                 continue
+            _say(proto, f"evaluating {entry['name']} on {len(setup['test_set'])} test images")
             row, model, kw = _evaluate_entry(proto, family, entry, setup)
             rows.append(row)
             candidates[entry["name"]] = (model, kw)
@@ -196,6 +202,8 @@ def evaluate_protocol(proto: dict) -> dict:
     precision = setup["precision"]
     images = first_images(setup["batches"], max(speed_batches))
     for bs in speed_batches:
+        _say(proto, f"timing {len(candidates)} models at batch {bs} (median of {proto.get('speed_repeats', 5)} "
+                    "interleaved runs)")
         speed = compare_speed(candidates, setup["size"], bs, repeats=proto.get("speed_repeats", 5),
                               autocast=AUTOCAST_DTYPES.get(precision), images=images, fold=fold)
         for r in rows:

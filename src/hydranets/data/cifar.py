@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import HydraError
+from ..errors import HydraError, reason
 from .cache import _cache_root
 from .download import download_file, extract_archive
 from .image_dataset import ImageDataset
@@ -115,7 +115,7 @@ def _read_pickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as e:
-        raise HydraError(f"cannot read {path}: {e}; it is not a CIFAR python-version pickle or it is "
+        raise HydraError(f"cannot read {path}: {reason(e)}; it is not a CIFAR python-version pickle or it is "
                          "damaged: get the archive again") from None
     if not isinstance(obj, dict):
         raise HydraError(f"{path} holds a {type(obj).__name__}, not the dict of a CIFAR pickle; is it the "

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from ..errors import HydraError
+from ..errors import HydraError, reason
 
 _CHUNK = 1 << 20
 
@@ -203,7 +203,7 @@ def _extract(path: Path, dest: Path) -> None:
                 else:
                     tar.extractall(staging, members=members)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise HydraError(f"cannot extract {path}: {e}; the archive is damaged, get it again") from None
+            raise HydraError(f"cannot extract {path}: {reason(e)}; the archive is damaged, get it again") from None
         for entry in sorted(staging.iterdir()):
             target = dest / entry.name
             if target.is_dir() and not target.is_symlink():

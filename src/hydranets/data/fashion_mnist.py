@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import HydraError
+from ..errors import HydraError, reason
 from .cache import _cache_root
 from .download import download_file
 from .image_dataset import ImageDataset
@@ -65,7 +65,7 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise HydraError(f"cannot read {path}: {e}; the file is damaged or truncated, get it again") from None
+        raise HydraError(f"cannot read {path}: {reason(e)}; the file is damaged or truncated, get it again") from None
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise HydraError(f"{path} is truncated: {len(raw)} bytes, shorter than the idx header; get it again")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ..errors import HydraError
+from ..errors import HydraError, reason
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RESIZE_RATIO = 256 / 224
@@ -81,7 +81,7 @@ class ImageFolderDataset(Dataset):
                     im.draft("RGB", (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor))))
                 im = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the file
-            raise HydraError(f"cannot decode image {path}: {type(e).__name__}: {e}; "
+            raise HydraError(f"cannot decode image {path}: {type(e).__name__}: {reason(e)}; "
                              "replace or delete the file") from None
         out = self._train_crop(im, self._item_generator(i)) if self.train else self._test_crop(im)
         return torch.from_numpy(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()), label

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import HydraError
+from ..errors import HydraError, reason
 from .image_dataset import ImageDataset
 from .imagefolder import IMAGE_SUFFIXES, _pil, resize_center_crop, resize_crop_centre
 
@@ -95,7 +95,7 @@ def read_images(files: Sequence[Path], spec: InputSpec) -> torch.Tensor:
                 im.draft(mode, (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor))))
                 im = im.convert(mode)
         except Exception as e:  # noqa: BLE001 - any decoder failure becomes one message naming the file
-            raise HydraError(f"cannot decode image {f}: {type(e).__name__}: {e}") from None
+            raise HydraError(f"cannot decode image {f}: {type(e).__name__}: {reason(e)}") from None
         if spec.height is None:
             im = resize_center_crop(im, spec.resize, spec.size)
         else:  # scaled just to cover height x width

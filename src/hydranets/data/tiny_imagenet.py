@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import HydraError
+from ..errors import HydraError, reason
 from .cache import _CACHE_VERSION, _cache_root, _from_cache, _save_npz, _to_cache_arrays
 from .decode import _decode_all
 from .image_dataset import ImageDataset, _check_classes, channel_stats
@@ -281,7 +281,7 @@ def _read_tiny_archive(archive: Path, classes: int | None) -> _TinyTree:
         except _TarUnsupported:
             return _scan_tiny_archive(archive, classes, _tarfile_files)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise HydraError(f"cannot read {archive}: {e}; the archive is damaged, get it again") from None
+        raise HydraError(f"cannot read {archive}: {reason(e)}; the archive is damaged, get it again") from None
 
 
 def _scan_tiny_archive(archive: Path, classes: int | None, files: Any) -> _TinyTree:
