@@ -58,6 +58,12 @@ def test_mixup_must_be_finite_and_not_negative(capsys, tmp_path, value):
     assert "data.mixup must be a finite number >= 0" in err and "0 turns it off" in err
 
 
+@pytest.mark.parametrize("setting", ["optim.momentum=0.5", "optim.nesterov=false"])
+def test_sgd_settings_with_adamw_are_refused_not_ignored(capsys, tmp_path, setting):
+    err = train_error(capsys, tmp_path, "optim.name=adamw", setting)
+    assert f"optim.{setting.split('=')[0].split('.')[1]} is an SGD setting that AdamW does not use" in err
+
+
 @pytest.mark.parametrize("value", ["0", "-2", ".nan", ".inf"])
 def test_schedule_epochs_must_be_positive_or_null(capsys, tmp_path, value):
     err = train_error(capsys, tmp_path, f"optim.schedule_epochs={value}")

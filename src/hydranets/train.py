@@ -245,6 +245,10 @@ def check_optim(o: OptimConfig) -> None:
                            "> 0, or null for train.epochs")):
         if not ok:
             raise HydraError(f"optim.{key} must be {need}, got {getattr(o, key)!r}")
+    sgd_only = [k for k in ("momentum", "nesterov") if getattr(o, k) != getattr(OptimConfig, k)]
+    if o.name == "adamw" and sgd_only:
+        raise HydraError(f"optim.{sgd_only[0]} is an SGD setting that AdamW does not use (it keeps its default betas); "
+                         f"leave optim.momentum and optim.nesterov at their defaults, or use optim.name=sgd")
 
 
 def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) -> dict:
