@@ -481,7 +481,7 @@ def test_eval_times_the_model_as_it_trained(runs, capsys, tmp_path, monkeypatch)
             convs = {n: next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d)) for n, (m, _) in candidates.items()}
             seen.append((kw["autocast"], kw["channels_last"],
                          {n: c.weight.is_contiguous(memory_format=torch.channels_last) for n, c in convs.items()}))
-            return {n: {"images_per_s": 1.0} for n in candidates}
+            return {n: {"images_per_s": 1.0, "spread": 1.0} for n in candidates}
         monkeypatch.setattr(cost_mod, "compare_speed", fake_speed)
         monkeypatch.setattr(cost_mod, "model_macs", lambda *a, **k: 1.0)
         monkeypatch.setattr("hydranets.evaluate.evaluate", lambda *a, **k: {"top1": 1.0, "top5": 1.0})

@@ -50,6 +50,21 @@ def test_compare_speed_times_a_bf16_model():
     assert speed["batch_size"] == 2 and speed["median_s"] > 0
     assert speed["images_per_s"] == pytest.approx(2 / speed["median_s"])
     assert speed["latency_ms"] == pytest.approx(1000 * speed["median_s"])
+    assert speed["spread"] >= 1
+
+
+def test_compare_speed_reports_the_spread_of_its_repeats_and_a_busy_machine_is_noted(monkeypatch):
+    """The slowest repeat over the fastest, so that timings on a busy machine are flagged, not passed off."""
+    import hydranets.cost as cost_mod
+    clock = iter([0.0, 1.0] * 3 + [0.0, 1.0, 0.0, 3.0, 0.0, 2.0])   # 2 warm-ups, the calibration, repeats of 1, 3, 2 s
+    monkeypatch.setattr(cost_mod.time, "perf_counter", lambda: next(clock))
+    model = create_model("resnet_cifar", num_classes=10, depth=8, width=0.25)
+    speed = compare_speed({"m": (model, {})}, (3, 8, 8), 2, repeats=3, warmup=2, min_time=0)
+    assert speed["m"]["median_s"] == 2.0 and speed["m"]["spread"] == 3.0
+    note = cost_mod.unsteady_note(speed)
+    assert note.startswith("note: the timings are unsteady (the repeats of m differ 3.0x")
+    assert cost_mod.unsteady_note({"a": {"spread": 1.2}, "b": {"spread": 1.5}}) is None
+    assert "repeats of b differ 1.6x" in cost_mod.unsteady_note({"a": {"spread": 1.2}, "b": {"spread": 1.6}})
 
 
 def test_compare_speed_leaves_each_model_in_its_mode():

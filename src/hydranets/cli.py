@@ -65,7 +65,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from .config import config_from_dict
-    from .cost import active_params, compare_speed, first_images, model_macs
+    from .cost import active_params, compare_speed, first_images, model_macs, unsteady_note
     from .data import BatchLoader
     from .distributed import pick_device
     from .evaluate import AUTOCAST_DTYPES, evaluate
@@ -109,6 +109,8 @@ def cmd_eval(args) -> None:
     speed = compare_speed(candidates, size, args.speed_batch, repeats=args.repeats,
                           autocast=AUTOCAST_DTYPES.get(cfg.train.precision),
                           images=first_images(batches, args.speed_batch), channels_last=cfg.train.channels_last)
+    if note := unsteady_note(speed):
+        print(note, file=sys.stderr, flush=True)
     kind = f"HydraNet of {ckpt['model_info']['name']}, B={model.num_branches}" if hydra else ckpt['model_info']['name']
     print(f"{kind} on {cfg.data.name} ({len(test_set)} test images), {device}")
     print(f"{'k':>3}{'top-1':>8}{'top-5':>8}{'gate recall':>13}{'true route':>12}{'shuffled':>10}{'MMACs':>9}"

@@ -102,7 +102,8 @@ def compare_speed(candidates: dict[str, tuple[nn.Module, dict]], input_size: tup
     ``batch_size``, repeated if there are fewer): a trained HydraNet's gate sends random images to
     fewer branches than real ones (4-5 of 8 against 8 of 8 on tin100-cpu), so fewer, larger calls.
     ``fold`` times each model with its batch norms folded into its convolutions (as deployed; the same
-    outputs, see :func:`hydranets.fold_batchnorms`) instead of as trained.
+    outputs, see :func:`hydranets.fold_batchnorms`) instead of as trained. ``spread`` is the slowest repeat's time
+    over the fastest's (see :func:`unsteady_note`).
     """
     if images is None:
         x_cpu = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
@@ -159,4 +160,17 @@ def _time_side_by_side(candidates: dict[str, tuple[nn.Module, dict]], x_cpu: tor
             times[name].append(run(model, kwargs, x, device, n) / n)
     return {name: {"batch_size": batch_size, "median_s": statistics.median(ts),
                    "images_per_s": batch_size / statistics.median(ts),
-                   "latency_ms": 1000 * statistics.median(ts)} for name, ts in times.items()}
+                   "latency_ms": 1000 * statistics.median(ts), "spread": max(ts) / min(ts)} for name, ts in times.items()}
+
+
+UNSTEADY = 1.5
+
+
+def unsteady_note(speed: dict[str, dict]) -> str | None:
+    """A note for results of :func:`compare_speed` whose repeats of one model differ by more than ``UNSTEADY`` x
+    (slowest / fastest): the machine was busy, so the images/s are rough; None when they are steady."""
+    worst = max(speed, key=lambda name: speed[name]["spread"], default=None)
+    if worst is None or speed[worst]["spread"] <= UNSTEADY:
+        return None
+    return (f"note: the timings are unsteady (the repeats of {worst} differ {speed[worst]['spread']:.1f}x, slowest / "
+            "fastest): something else is using the machine, so the images/s are rough; time again on a quiet one")

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import atomic_write_text, check_writable, kept_checkpoint
 from .config import Config, config_from_dict, save_config
-from .cost import active_params, compare_speed, count_params, first_images, model_macs
+from .cost import active_params, compare_speed, count_params, first_images, model_macs, unsteady_note
 from .errors import HydraError
 from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
@@ -164,6 +164,8 @@ def evaluate_models(cfg: Config, runs: dict[str, Path], say: Callable[[str], Non
                           images=first_images(batches, cfg.pipeline.speed_batch), fold=cfg.pipeline.fold_batchnorms)
     for row in rows:
         row["images_per_s"] = speed[row.pop("label")]["images_per_s"]
+    if note := unsteady_note(speed):
+        print(note, file=sys.stderr, flush=True)
     return {"dataset": cfg.data.name, "num_classes": len(test_set.classes), "class_names": test_set.classes,
             "speed_batch": cfg.pipeline.speed_batch, "fold_batchnorms": cfg.pipeline.fold_batchnorms,
             "device": str(device), "rows": rows, "routing": routing}
