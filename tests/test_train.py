@@ -23,7 +23,7 @@ from hydranets.config import load_config
 from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import resolve_precision
 from hydranets.run_folder import read_metrics
-from hydranets.train import lr_at, train
+from hydranets.train import load_trained, lr_at, train
 from helpers import one_error_line, snapshot
 
 # Small and deterministic. channels_last is off, as training turns it off for such models on the CPU
@@ -667,6 +667,10 @@ def test_hydranet_preset_as_model_takes_the_hydra_partition(tmp_path, capsys):
     assert code == 0, err
     assert load_ckpt(tmp_path / "run")["partition"]["subsets"] == subsets
     assert 0 <= read_metrics(tmp_path / "run")[-1]["gate_recall"] <= 100
+    # and the run loads again (its subtasks were not given to the preset, so its weights did not fit), at its own k
+    model, ckpt = load_trained(tmp_path / "run")
+    assert ckpt["topk"] == model.topk == 1 and model.num_branches == 4
+    assert model.membership.shape == (10, 4) and model.membership[:, 1].nonzero().flatten().tolist() == [2, 3, 4]
 
 
 def test_overwrite_with_bad_model_keeps_the_run(finished, capsys):

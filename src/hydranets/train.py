@@ -124,11 +124,14 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
 
 
 def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -> nn.Module:
-    """A backbone or HydraNet from :func:`model_info`."""
+    """A backbone or HydraNet from :func:`model_info` (a HydraNet preset keeps its own k and takes ``partition``)."""
     kwargs = dict(info["kwargs"], in_chans=info["in_chans"])
     try:
         if info["hydra"] is None:
-            return create_model(info["name"], num_classes=info["num_classes"], **kwargs)
+            model = create_model(info["name"], num_classes=info["num_classes"], **kwargs)
+            if isinstance(model, HydraNet) and partition is not None:
+                model.set_partition(partition)
+            return model
         return build_hydranet(info["name"], info["num_classes"], topk=topk, partition=partition, **info["hydra"],
                               **kwargs)
     except TypeError as e:  # a model.kwargs key the model does not take
@@ -377,7 +380,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         net = torch.compile(net)
     writer = _tensorboard(out) if t.tensorboard and rt.is_main else None
 
-    about = {"config": cfg.to_dict(), "model_info": info, "topk": cfg.hydra.topk, "inputs": spec.to_dict(),
+    about = {"config": cfg.to_dict(), "model_info": info, "topk": hydra.topk if hydra else cfg.hydra.topk,
+             "inputs": spec.to_dict(),
              "partition": partition.to_dict() if partition is not None else None}  # what loading the weights needs
     for epoch in range(start_epoch, t.epochs):
         loader.set_epoch(epoch)
