@@ -496,3 +496,40 @@ def test_out_as_an_option_points_to_the_override(capsys, tmp_path, command):
     assert code == 2
     one_error_line(err, f"the run folder is the override out={tmp_path / 'run'}, not --out")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- your own model
+MY_MODEL = '''
+import hydranets
+
+@hydranets.register_model
+def tiny_mine(num_classes=10, in_chans=3, **kwargs):
+    return hydranets.create_model("resnet_cifar", num_classes=num_classes, in_chans=in_chans, depth=8, width=0.25)
+'''
+
+
+def test_a_users_model_module_is_imported_for_training_and_again_for_loading(capsys, tmp_path, monkeypatch):
+    """model.modules names the module that registers the user's model: training imports it, the run records it, and
+    a later process that loads the run (eval here, in a fresh interpreter) imports it again."""
+    (tmp_path / "mynets_for_test.py").write_text(MY_MODEL)
+    monkeypatch.chdir(tmp_path)
+    base = [a for a in BASE if not a.startswith("model.")] + ["train.epochs=1"]
+    code, _, err = run(capsys, "train", *base, "model.name=tiny_mine", f"out={tmp_path / 'r0'}")
+    assert code == 2
+    one_error_line(err, "unknown model 'tiny_mine'")
+    code, _, err = run(capsys, "train", *base, "model.name=tiny_mine", "model.modules=[no_such_module_here]",
+                       f"out={tmp_path / 'r0'}")
+    assert code == 2
+    one_error_line(err, "model.modules: no module 'no_such_module_here' here or on the import path")
+    code, _, err = run(capsys, "train", *base, "model.name=tiny_mine", "model.modules=[mynets_for_test]",
+                       f"out={tmp_path / 'run'}")
+    assert code == 0, err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "hydranets", "eval", "run", *SPEED], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "tiny_mine on synthetic (100 test images)" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "hydranets", "eval", str(tmp_path / "run"), *SPEED], capture_output=True,
+                       text=True, env=env, cwd=tmp_path.parent, timeout=300)   # where the module is not
+    assert p.returncode == 2
+    one_error_line(p.stderr, "model.modules: no module 'mynets_for_test' here or on the import path")

@@ -34,6 +34,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet20"               # any name from hydranets.list_models()
     kwargs: dict = field(default_factory=dict)
+    modules: list = field(default_factory=list)  # Python modules imported first: they register your own models
 
 
 @dataclass

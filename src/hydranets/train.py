@@ -10,8 +10,10 @@ network (``upcycle``).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -28,7 +30,7 @@ from .checkpoint import (CHECKPOINT, atomic_save, atomic_write_text, check_compa
                          load_checkpoint, load_safetensors, load_state, resolve_checkpoint, save_safetensors)
 from .config import Config, DataConfig, OptimConfig, save_config
 from .data.inputs import InputSpec
-from .errors import HydraError, is_positive_real, is_whole
+from .errors import HydraError, is_positive_real, is_whole, reason
 from .evaluate import autocast_for, evaluate
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
 from .machine import machine_info
@@ -106,6 +108,29 @@ def _subset(ds, n: int, seed: int):
     from .data import ImageDataset
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return ImageDataset(ds.images[idx], ds.labels[idx], ds.classes, ds.mean, ds.std)
+
+
+def import_modules(modules: list[str]) -> None:
+    """Import ``model.modules``, where a user's own models register themselves, from the usual import path or the
+    current folder; a run records them, so loading it later imports them again."""
+    if not (isinstance(modules, list) and all(isinstance(m, str) and m for m in modules)):
+        raise HydraError(f"model.modules must be a list of module names, e.g. [mynets], got {modules!r}")
+    for name in modules:
+        added = "" not in sys.path and os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                raise HydraError(f"model.modules: no module {name!r} here or on the import path; run from the folder "
+                                 "that holds it, or add its folder to PYTHONPATH") from None
+            raise HydraError(f"model.modules: importing {name!r} failed: {reason(e)}") from None
+        except Exception as e:  # noqa: BLE001 - the user's module: its own error, on one line
+            raise HydraError(f"model.modules: importing {name!r} failed: {type(e).__name__}: {reason(e)}") from None
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
 
 
 def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
@@ -216,6 +241,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     checkpoint dict (for safetensors: the weights and the metadata written with them)."""
     file = resolve_checkpoint(path)
     ckpt = load_safetensors(file) if file.suffix == ".safetensors" else load_checkpoint(file)
+    import_modules(ckpt.get("config", {}).get("model", {}).get("modules", []))
     info = ckpt["model_info"]
     part = Partition.from_dict(ckpt["partition"]) if ckpt.get("partition") else None
     topk = ckpt.get("topk", ckpt.get("config", {}).get("hydra", {}).get("topk", 1))
@@ -307,6 +333,7 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
         raise HydraError(f"train.keep_epochs must list epochs from 1 to train.epochs ({t.epochs}), got {t.keep_epochs!r}")
     if cfg.hydra.enabled and cfg.hydra.upcycle is True and not cfg.hydra.init_from:
         raise HydraError("hydra.upcycle=true needs hydra.init_from=BASELINE_RUN (the trained network to copy)")
+    import_modules(cfg.model.modules)
     if not is_model(cfg.model.name):
         create_model(cfg.model.name)  # raises the unknown-model error (with close matches) before any data is read
     if t.threads:
