@@ -121,3 +121,15 @@ def test_a_key_error_from_a_config_file_names_the_file(capsys, tmp_path):
     f.write_text("train:\n  epochs: 3\noptim:\n  lr: 0.5\n")
     cfg = load_config(f, ["train.epochs=4"], base={"optim": {"momentum": 0.8}})
     assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.momentum) == (4, 0.5, 0.8)
+
+
+def test_softmax_weighting_over_one_branch_is_noted(capsys, tmp_path, monkeypatch):
+    """Softmax over a single routed score is 1: the task loss never reaches the gate. Said, not silent."""
+    import hydranets.train as train_mod
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    hydra = ["hydra.enabled=true", "hydra.num_branches=2", "hydra.gate_loss=0", "hydra.routing=topk"]
+    for extra, noted in ((["hydra.topk=1", "hydra.gate_weighting=softmax"], True),
+                         (["hydra.topk=2", "hydra.gate_weighting=softmax"], False),
+                         (["hydra.topk=1", "hydra.gate_weighting=sigmoid"], False)):
+        _, _, err = run_cli(capsys, "train", *BASE, *hydra, *extra, f"out={tmp_path / str(len(extra)) / extra[0]}")
+        assert ("gate_weighting=softmax over top-1 routing" in err) == noted, err

@@ -313,6 +313,10 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
     if h.enabled and h.routing == "soft" and (h.oracle_epochs or h.train_topk is not None):
         raise HydraError("hydra.routing=soft runs every branch in training, so hydra.oracle_epochs and "
                          "hydra.train_topk (top-k settings) would do nothing; set them to 0 / null or use routing=topk")
+    if (h.enabled and h.gate_weighting == "softmax" and h.routing != "soft" and (h.train_topk or h.topk) == 1
+            and rt.is_main):
+        print("note: hydra.gate_weighting=softmax over top-1 routing weights each image's one branch by 1, so the gate "
+              "learns from its own losses only (as with none); sigmoid lets the task loss reach it", file=sys.stderr)
     if h.enabled and h.balance_loss < 0:
         raise HydraError(f"hydra.balance_loss={h.balance_loss} must be >= 0 (0 turns it off)")
     if h.enabled and not (h.branch_lr_scale > 0 and h.branch_decay_scale >= 0):
