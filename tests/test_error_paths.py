@@ -185,13 +185,13 @@ def test_check_writable_makes_and_leaves_nothing(tmp_path):
 
 def test_check_writable_refuses_paths_that_cannot_be_written(tmp_path):
     (tmp_path / "file.txt").write_text("x")
-    cases = [(tmp_path / "file.txt" / "m.pt2", f"cannot create files in {tmp_path / 'file.txt'}"),
-             (tmp_path / "file.txt" / "sub" / "m.pt2", f"cannot make folder {tmp_path / 'file.txt' / 'sub'}"),
+    cases = [(tmp_path / "file.txt" / "m.pt2", f"{tmp_path / 'file.txt'} is a file, not a folder"),
+             (tmp_path / "file.txt" / "sub" / "m.pt2", f"{tmp_path / 'file.txt'} is a file, not a folder"),
              (tmp_path, "it is a folder")]
     if Path("/dev/null").exists():
         cases.append((Path("/dev/null"), "it is not a regular file"))
     if Path("/proc/self").is_dir():
-        cases.append((Path("/proc/nope/x.pt2"), "cannot make folder /proc/nope"))
+        cases.append((Path("/proc/nope/x.pt2"), "cannot create files in /proc"))
     for path, words in cases:
         with pytest.raises(HydraError) as e:
             check_writable(path)

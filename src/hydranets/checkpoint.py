@@ -1,7 +1,6 @@
 """Checkpoints that survive a crash: atomic writes, plain tensors (``weights_only=True``), safetensors export."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -54,30 +53,24 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 
 def check_writable(path: str | Path) -> None:
     """Refuse, as one line naming ``path``, a file that cannot be written there (as :func:`atomic_save` writes it):
-    ``path`` is a folder or another non-regular file, a folder on its way is a file, or its folder cannot be made
-    or written in. Tried by making the missing folders and a temporary file in the last one, all removed again."""
+    ``path`` is a folder or another non-regular file, a folder on its way is a file, or the nearest existing folder
+    takes no new files. Tried with a temporary file there, removed again; no folder is made, so processes that check
+    one path at once (the ranks of a torchrun) do not remove each other's folders."""
     path = Path(path)
-    made: list[Path] = []
-    step = f"cannot look into {path.parent}"
+    if path.exists() and not path.is_file():
+        raise HydraError(f"cannot write {path}: it is {'a folder' if path.is_dir() else 'not a regular file'}; "
+                         "give the path of a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise HydraError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
     try:
-        if path.exists() and not path.is_file():
-            raise HydraError(f"cannot write {path}: it is {'a folder' if path.is_dir() else 'not a regular file'}; "
-                             "give the path of a file")
-        for folder in reversed([p for p in path.parents if not p.exists()]):
-            step = f"cannot make folder {folder}"
-            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: it is not ours to remove
-                folder.mkdir()
-                made.append(folder)
-        step = f"cannot create files in {path.parent}"
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hydranets-probe-"):
             pass
     except OSError as e:
-        raise HydraError(f"cannot write {path}: {step} ({e.strerror or type(e).__name__}); choose a writable "
-                         "path") from None
-    finally:
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):  # something another process put there stays, with its folder
-                folder.rmdir()
+        raise HydraError(f"cannot write {path}: cannot create files in {folder} ({e.strerror or type(e).__name__}); "
+                         "choose a writable path") from None
 
 
 def _check_file(path: Path, what: str) -> None:
