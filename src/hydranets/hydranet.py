@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .errors import HydraError, is_positive_real, is_whole
-from .models.backbone import Backbone, build_stages, check_input, init_weights
+from .models.backbone import Backbone, build_final, build_stages, check_input, init_weights
 from .partition import Partition, as_partition
 from .registry import create_model, register_model
 from .routing import dispatch, run_all, topk_route
@@ -193,6 +193,8 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     ``share_branch_norms`` ties those too, statistics included: every branch is then the same network, and
     what is left of routing is that each branch's images are normalised as a group in training and
     scaled by their gate scores (a control for what routing itself costs).
+    Every Conv/BatchNorm/Linear is then initialised as in a Backbone, the plan's own ``init_weights(model)`` last
+    where it defines one.
     """
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
@@ -229,12 +231,12 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     branches = []
     for _ in range(num_branches):
         stages, ch = build_stages(plan, split, n, stem_ch, w * branch_width)
-        branches.append(_head(stages, plan.build_final(ch), ch, feature_dim))
+        branches.append(_head(stages, build_final(plan, ch), ch, feature_dim))
     gate_stages, gate_ch = build_stages(plan, split, n, stem_ch, w * gate_width)
-    gate = _head(gate_stages, plan.build_final(gate_ch), gate_ch, num_branches)
+    gate = _head(gate_stages, build_final(plan, gate_ch), gate_ch, num_branches)
     model = HydraNet(nn.Sequential(*stem_stages), branches, gate, nn.Linear(feature_dim, num_classes), topk,
                      plan.in_chans, p, gate_weighting, train_routing, shared_path)
-    init_weights(model)
+    init_weights(model, plan)
     for head in [b[-1] for b in model.branches] + [model.gate[-1]]:  # default init: a small one stalls learning
         head.reset_parameters()
     if model.shared is not None:

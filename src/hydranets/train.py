@@ -35,7 +35,7 @@ from .evaluate import autocast_for, evaluate
 from .hydranet import HydraNet, build_hydranet, ghost_branch_norms
 from .machine import machine_info
 from .partition import Partition
-from .registry import create_model, is_model
+from .registry import KeywordError, create_model, is_model, takes_keyword
 from .routing import balance_loss, topk_route
 from .run_folder import (append_metrics, check_run_dir, prepare_run_dir, read_metrics, run_precision, settle_replaced,
                          truncate_metrics)
@@ -150,7 +150,12 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
 
 def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -> nn.Module:
     """A backbone or HydraNet from :func:`model_info` (a HydraNet preset keeps its own k and takes ``partition``)."""
-    kwargs = dict(info["kwargs"], in_chans=info["in_chans"])
+    kwargs = dict(info["kwargs"])
+    if takes_keyword(info["name"], "in_chans"):
+        kwargs["in_chans"] = info["in_chans"]
+    elif info["in_chans"] != 3:
+        raise HydraError(f"model {info['name']!r} takes no in_chans, and these images have {info['in_chans']} "
+                         "channel(s); give its factory an in_chans argument")
     try:
         if info["hydra"] is None:
             model = create_model(info["name"], num_classes=info["num_classes"], **kwargs)
@@ -159,7 +164,9 @@ def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -
             return model
         return build_hydranet(info["name"], info["num_classes"], topk=topk, partition=partition, **info["hydra"],
                               **kwargs)
-    except TypeError as e:  # a model.kwargs key the model does not take
+    except KeywordError as e:  # a model.kwargs key the model's factory does not take
+        raise HydraError(f"model.kwargs: {e}") from None
+    except TypeError as e:  # a model.kwargs key that a factory passes on to what it builds
         raise HydraError(f"model {info['name']!r} cannot be built with model.kwargs={info['kwargs']}: {e}") from None
 
 
