@@ -64,7 +64,7 @@ def check_writable(path: str | Path) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise HydraError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
+        raise HydraError(f"cannot write {path}: {folder} is a file, not a folder; choose a writable path")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".hydranets-probe-"):
             pass
