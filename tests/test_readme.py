@@ -40,6 +40,8 @@ def test_python_api_block_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(ns["fast"](x), hydra.eval()(x), atol=1e-4)  # "the same logits as hydra.eval()(x)"
     assert "hydra_resnet20_b8k2" in ns["hydranets"].list_models("hydra_*")
+    with torch.no_grad():   # "the same logits as hydra.eval()"
+        assert torch.allclose(ns["mine"](x), hydra.eval()(x), atol=1e-5) and ns["mine"].topk == hydra.topk
 
 
 def readme_commands() -> list[list[str]]:

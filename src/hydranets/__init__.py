@@ -3,6 +3,7 @@
 Wide networks of class-specialised branches, of which only the top-k chosen by a gate run per image.
 """
 from . import models  # noqa: F401  (registers the backbone families)
+from .checkpoint import save_model
 from .errors import HydraError
 from .export import export_model, load_exported
 from .hydranet import HydraNet, HydraOutput, build_hydranet
@@ -15,4 +16,4 @@ from .registry import create_model, is_model, list_models, register_model
 __version__ = "0.1.0"
 __all__ = ["Backbone", "HydraError", "HydraNet", "HydraOutput", "Partition", "StagePlan", "build_hydranet",
            "create_model", "export_model", "fold_batchnorms", "is_model", "list_models", "load_exported", "load_model",
-           "predict", "register_model", "scaled", "__version__"]
+           "predict", "register_model", "save_model", "scaled", "__version__"]

@@ -64,14 +64,13 @@ def cmd_pipeline(args) -> None:
 def cmd_eval(args) -> None:
     import torch
 
-    from .config import config_from_dict
     from .cost import active_params, compare_speed, first_images, model_macs, unsteady_note
     from .data import BatchLoader
     from .distributed import pick_device
     from .evaluate import AUTOCAST_DTYPES, evaluate
     from .hydranet import HydraNet
     from .inference import fold_batchnorms
-    from .train import load_data, load_trained
+    from .train import load_data, load_trained, run_config
     for flag, value in (("--batch-size", args.batch_size), ("--speed-batch", args.speed_batch),
                         ("--repeats", args.repeats)):
         if value < 1:
@@ -79,7 +78,7 @@ def cmd_eval(args) -> None:
     json_out = output_file(args.json, "--json")
     device = pick_device(args.device)
     model, ckpt = load_trained(args.run, device)
-    cfg = config_from_dict(ckpt["config"])
+    cfg = run_config(ckpt, args.run, "hydranets eval")
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     _, test_set = load_data(cfg)
@@ -181,10 +180,9 @@ def cmd_export(args) -> None:
 
 
 def cmd_partition(args) -> None:
-    from .config import config_from_dict
     from .partition import check_partition_seed, format_partition, partition_filename
     from .pipeline import compute_partition
-    from .train import load_trained
+    from .train import load_trained, run_config
     if args.branches < 1:
         raise HydraError(f"partition -B (the number of subtasks) must be at least 1, got {args.branches}")
     check_partition_seed(args.seed)
@@ -192,7 +190,7 @@ def cmd_partition(args) -> None:
         raise HydraError("--overlap-balanced spreads the second subtasks of --overlap; pass --overlap too")
     given = output_file(args.out, "--out")
     _, ckpt = load_trained(args.run)
-    cfg = config_from_dict(ckpt["config"])
+    cfg = run_config(ckpt, args.run, "hydranets partition")
     pc = cfg.partition
     pc.method, pc.overlap, pc.overlap_balanced, pc.seed = args.method, args.overlap, args.overlap_balanced, args.seed
     run = Path(args.run)

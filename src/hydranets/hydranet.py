@@ -196,6 +196,7 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
     Every Conv/BatchNorm/Linear is then initialised as in a Backbone, the plan's own ``init_weights(model)`` last
     where it defines one.
     """
+    backbone_name = backbone if isinstance(backbone, str) else None
     if isinstance(backbone, str):
         backbone = create_model(backbone, num_classes=num_classes, **backbone_kwargs)
     elif backbone_kwargs:
@@ -244,6 +245,15 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
         nn.init.zeros_(model.shared.bias)
     if share_branch_weights:
         model.tie_branches(norms=share_branch_norms)
+    if backbone_name is not None:  # how it was made (as a run's model_info), so that hydranets.save_model can record it
+        hydra = {"num_branches": num_branches, "split": split, "stem_width": stem_width, "branch_width": branch_width,
+                 "gate_width": gate_width, "feature_dim": feature_dim, "gate_weighting": gate_weighting}
+        for key, on in (("shared_path", shared_path), ("share_branch_weights", share_branch_weights),
+                        ("share_branch_norms", share_branch_norms)):
+            if on:
+                hydra[key] = True
+        model.hydranets_info = {"name": backbone_name, "kwargs": dict(backbone_kwargs), "num_classes": num_classes,
+                                "in_chans": plan.in_chans, "hydra": hydra}
     return model
 
 

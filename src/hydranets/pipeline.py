@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_text, check_writable, kept_checkpoint
-from .config import Config, config_from_dict, save_config
+from .config import Config, save_config
 from .cost import active_params, compare_speed, count_params, first_images, model_macs, unsteady_note
 from .errors import HydraError
 from .evaluate import AUTOCAST_DTYPES, evaluate
 from .hydranet import HydraNet
 from .partition import Partition, check_partition_seed, class_mean_outputs, format_partition, make_partition
 from .run_folder import PIPELINE_FILES, RUN_FILES, holds, saved_config
-from .train import load_data, load_trained, train
+from .train import load_data, load_trained, run_config, train
 
 # Settings that may change between a pipeline run and its resumption.
 _FREE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("pipeline", "speed_repeats"),
@@ -106,7 +106,7 @@ def compute_partition(cfg: Config, baseline_run: str | Path, out_file: str | Pat
     """The paper's subtasks: mean softmax of the trained baseline per class on the training images, clustered."""
     from .data import BatchLoader
     model, ckpt = load_trained(baseline_run, _device(cfg))
-    run_cfg = config_from_dict(ckpt["config"])
+    run_cfg = run_config(ckpt, baseline_run, "computing subtasks")
     train_set, _ = load_data(run_cfg)
     if num_subsets > len(train_set.classes):
         raise HydraError(f"{num_subsets} subtasks (hydra.num_branches, or partition -B) exceed the "

@@ -81,7 +81,8 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """Build a registered model (backbone or HydraNet preset) by name.
 
     A keyword the model does not take is a :class:`KeywordError`; hydranets has no pretrained weights, so
-    ``pretrained=False`` is accepted and ``pretrained=True`` refused.
+    ``pretrained=False`` is accepted and ``pretrained=True`` refused. The model records its name and keywords
+    (``model.hydranets_info``, in the form of a checkpoint's ``model_info``) for :func:`hydranets.save_model`.
     """
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
@@ -92,4 +93,10 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     if not is_whole(num_classes):
         raise HydraError(f"num_classes must be a positive integer, got {num_classes!r}")
     fn = _MODELS[name]
-    return fn(**_check_keywords(name, fn, {"num_classes": num_classes, **kwargs}))
+    checked = _check_keywords(name, fn, {"num_classes": num_classes, **kwargs})
+    model = fn(**checked)
+    if isinstance(model, nn.Module):  # how it was made, so that hydranets.save_model can record it
+        kw = {k: v for k, v in checked.items() if k != "num_classes"}
+        model.hydranets_info = {"name": name, "kwargs": kw, "num_classes": num_classes,
+                                "in_chans": getattr(model, "in_chans", kw.get("in_chans", 3)), "hydra": None}
+    return model

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import distributed
 from .checkpoint import (CHECKPOINT, atomic_save, atomic_write_text, check_compatible, kept_checkpoint,
                          load_checkpoint, load_safetensors, load_state, resolve_checkpoint, save_safetensors)
-from .config import Config, DataConfig, OptimConfig, save_config
+from .config import Config, DataConfig, OptimConfig, config_from_dict, save_config
 from .data.inputs import InputSpec
 from .errors import HydraError, is_positive_real, is_whole, reason
 from .evaluate import autocast_for, evaluate
@@ -255,6 +255,15 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     model = build_model(info, part, topk=topk)
     load_state(model, ckpt["model"], file)
     return model.to(distributed.pick_device(device) if isinstance(device, str) else device).eval(), ckpt
+
+
+def run_config(ckpt: dict, path: str | Path, needs: str) -> Config:
+    """The training config a checkpoint of ``hydranets train`` holds (its data set, for ``needs``); a model saved
+    with :func:`hydranets.save_model` has none, which is one clear error."""
+    if "config" not in ckpt:
+        raise HydraError(f"{path} holds a model saved with hydranets.save_model, without the data set it was trained "
+                         f"on, which {needs} needs: give a run folder of hydranets train")
+    return config_from_dict(ckpt["config"])
 
 
 # ---------------------------------------------------------------- the loop
