@@ -254,3 +254,27 @@ def test_a_factory_without_in_chans_trains_on_rgb_and_is_refused_otherwise():
     with pytest.raises(HydraError, match=r"^model 'rgb_only' takes no in_chans, and these images have 1 channel\(s\); "
                                          r"give its factory an in_chans argument$"):
         build_model({**info, "in_chans": 1})
+
+
+def test_what_the_fourth_audit_found_is_one_line():
+    """A one-stage plan made a HydraNet (the error spoke of a split the user never set), a factory returning no
+    module, an in_chans in model.kwargs that the data contradicts (silently replaced), a module given as a file."""
+    from hydranets.train import build_model, import_modules
+    with pytest.raises(HydraError, match=r"^a HydraNet needs a backbone of at least 2 stages .*TinyPlan has 1$"):
+        build_hydranet(Backbone(TinyPlan(widths=(4,), num_stages=1), 10), 10, num_branches=2, topk=1)
+
+    @register_model
+    def returns_nothing(num_classes=10):
+        return None
+
+    with pytest.raises(HydraError, match="^model 'returns_nothing': its factory returns_nothing returned NoneType, "
+                                         "not an nn.Module$"):
+        create_model("returns_nothing")
+    info = {"name": "resnet_cifar", "kwargs": {"in_chans": 1, "depth": 8}, "num_classes": 10, "in_chans": 3,
+            "hydra": None}
+    with pytest.raises(HydraError, match=r"^model.kwargs has in_chans=1, but these images have 3 channel\(s\); "):
+        build_model(info)
+    for given, words in (("mynets.py", "give mynets (run from its folder)"), ("./mynets.py", "give mynets"),
+                         ("lib/mynets", "give its name")):
+        with pytest.raises(HydraError, match=r"^model.modules takes module names, not files: " + re.escape(words)):
+            import_modules([given])

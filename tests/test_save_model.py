@@ -190,3 +190,53 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
     refused(tmp_path, lambda: save(model, tmp_path / "run"), "run folder")
+
+
+MINE = '''
+import hydranets
+
+@hydranets.register_model
+def saved_mine(num_classes=10, in_chans=3, **kwargs):
+    return hydranets.create_model("resnet_cifar", num_classes=num_classes, in_chans=in_chans, depth=8, width=0.25)
+'''
+
+
+def test_a_model_of_ones_own_module_loads_in_a_fresh_process(tmp_path, monkeypatch):
+    """The file records the module that registers the model, so load_model imports it again; a factory defined in
+    __main__ could never be imported again, so it is refused when saving, and a pipeline folder is not a place."""
+    import subprocess
+    import sys
+    (tmp_path / "savedmine_mod.py").write_text(MINE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import savedmine_mod  # noqa: F401
+    model = hydranets.create_model("saved_mine", num_classes=4)
+    path = hydranets.save_model(model, tmp_path / "m.safetensors", image_size=SIZE)
+    from hydranets.checkpoint import load_safetensors
+    assert load_safetensors(path)["modules"] == ["savedmine_mod"]
+    assert load_safetensors(hydranets.save_model(dense(), tmp_path / "d.safetensors", image_size=SIZE))["modules"] == []
+    code = ("import torch, hydranets; m = hydranets.load_model('m.safetensors', 'cpu'); "
+            "print(m(torch.zeros(1, 3, 16, 16)).shape)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stdout.strip() == "torch.Size([1, 4])", p.stderr
+    monkeypatch.setattr(hydranets.registry._MODELS["saved_mine"], "__module__", "__main__")
+    with pytest.raises(HydraError, match="its factory is defined in __main__"):
+        hydranets.save_model(model, tmp_path / "main.safetensors", image_size=SIZE)
+    (tmp_path / "pipe" / "baseline").mkdir(parents=True)
+    with pytest.raises(HydraError, match="is a pipeline folder"):
+        hydranets.save_model(model, tmp_path / "pipe", image_size=SIZE)
+    assert not (tmp_path / "main.safetensors").exists() and not (tmp_path / "pipe" / "model.safetensors").exists()
+
+
+def test_a_run_of_a_model_no_longer_registered_is_one_line(tmp_path, capsys):
+    path = hydranets.save_model(dense(), tmp_path / "m.safetensors", image_size=SIZE)
+    from hydranets.checkpoint import load_safetensors, save_safetensors
+    saved = load_safetensors(path)
+    meta = {k: v for k, v in saved.items() if k != "model"}
+    meta["model_info"] = {**meta["model_info"], "name": "renamed_since"}
+    model = dense()
+    model.load_state_dict(saved["model"])
+    save_safetensors(model, path, meta)
+    code, _, err = run_cli(capsys, "predict", str(path), "x.png")
+    assert code == 2
+    one_error_line(err, "unknown model 'renamed_since'", "model.modules")

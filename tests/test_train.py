@@ -24,7 +24,7 @@ from hydranets.data.synthetic import synthetic_splits
 from hydranets.evaluate import resolve_precision
 from hydranets.run_folder import read_metrics
 from hydranets.train import load_trained, lr_at, train
-from helpers import one_error_line, snapshot
+from helpers import one_error_line, run_cli, snapshot
 
 # Small and deterministic. channels_last is off, as training turns it off for such models on the CPU
 # (test_channels_last_off_where_the_cpu_backward_crashes).
@@ -985,3 +985,24 @@ def test_the_nan_error_starts_its_own_line_after_a_progress_bar(tmp_path, capsys
                          "train.progress=true")
     assert code == 2 and "epoch 1/1" in err
     assert re.search(r"(^|[\r\n])error: loss became", err), err[-300:]
+
+
+def test_a_killed_overwrite_leaves_the_old_run_aside_and_says_so(finished, capsys, tmp_path):
+    """kill -9 during the first epoch of an --overwrite leaves the old run in .replaced-run; a later run without
+    --overwrite silently deleted it. Now it is refused with what to do, and only --overwrite drops it."""
+    from hydranets.run_folder import REPLACED, prepare_run_dir
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    old = snapshot(out)
+    prepare_run_dir(out, overwrite=True)   # what a killed --overwrite leaves: the old run aside, a new config.yaml
+    (out / "config.yaml").write_text((out / REPLACED / "config.yaml").read_text())
+    before = snapshot(out)
+    for flags in ([], ["--resume"]):
+        code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=1", *flags)
+        assert code == 2
+        one_error_line(err, f"set aside in {out / REPLACED}", "move the files", "--overwrite again")
+        assert snapshot(out) == before
+    code, _, err = run_cli(capsys, "eval", str(out))
+    assert code == 2 and REPLACED not in one_error_line(err)   # not offered as a run to evaluate
+    code, err = run_main(capsys, *BASE, f"out={out}", "train.epochs=1", "--overwrite")
+    assert code == 0 and not (out / REPLACED).exists() and snapshot(out) != old

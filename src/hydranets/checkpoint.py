@@ -158,7 +158,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir() and not (path / CHECKPOINT).exists():
         if (path / "model.safetensors").exists():
             return path / "model.safetensors"
-        runs = sorted(p for p in path.iterdir() if (p / CHECKPOINT).exists() or (p / "model.safetensors").exists())
+        runs = sorted(p for p in path.iterdir() if not p.name.startswith(".")
+                      and ((p / CHECKPOINT).exists() or (p / "model.safetensors").exists()))
         if runs:  # e.g. a pipeline's folder, which holds its baseline and HydraNet runs
             raise HydraError(f"{path} holds no run itself but runs in its folders: give one of "
                              f"{', '.join(str(p) for p in runs[:4])}{', ...' if len(runs) > 4 else ''}")
@@ -183,7 +184,7 @@ def save_model(model: nn.Module, path: str | Path, *, image_size: int | tuple[in
     from .data.inputs import InputSpec
     from .hydranet import HydraNet
     from .partition import Partition
-    from .registry import takes_keyword
+    from .registry import model_module, takes_keyword
     from .train import build_model
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or \
             isinstance(getattr(model, "_orig_mod", None), nn.Module):  # DDP, torch.compile: the model they wrap
@@ -240,9 +241,19 @@ def save_model(model: nn.Module, path: str | Path, *, image_size: int | tuple[in
     if (path.parent / CHECKPOINT).exists():
         raise HydraError(f"{path.parent} is a run folder of hydranets train (it holds {CHECKPOINT}), whose model "
                          "this would replace; save elsewhere")
+    from .run_folder import PIPELINE_FILES, holds
+    if holds(path.parent, PIPELINE_FILES):
+        raise HydraError(f"{path.parent} is a pipeline folder (it holds {', '.join(holds(path.parent, PIPELINE_FILES))}"
+                         "); save elsewhere")
+    module = model_module(info["name"])
+    if module == "__main__":
+        raise HydraError(f"cannot save this {info['name']} model: its factory is defined in __main__ (a script or "
+                         "notebook), which no later process can import; move it into a module (e.g. mynets.py) and "
+                         "import it from there")
     check_writable(path)
 
     meta = {"model_info": info, "topk": hydra.topk if hydra is not None else None,
+            "modules": [] if module.split(".")[0] == "hydranets" else [module],
             "partition": partition.to_dict() if partition is not None else None, "inputs": spec.to_dict()}
     for key, value in info["kwargs"].items():
         try:

@@ -214,6 +214,9 @@ def build_hydranet(backbone: str | Backbone, num_classes: int, num_branches: int
         raise HydraError("share_branch_norms ties the branches' normalisation layers on top of their weights; "
                          "set share_branch_weights too")
     plan, n = backbone.plan, backbone.plan.num_stages
+    if n < 2:
+        raise HydraError(f"a HydraNet needs a backbone of at least 2 stages (a stem and what its branches copy); "
+                         f"{type(plan).__name__} has {n}")
     split = n - 1 if split is None else split
     if not is_whole(split) or split >= n:
         raise HydraError(f"split must be a stage index from 1 to {n - 1} for this backbone, got {split}")

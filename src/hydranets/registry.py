@@ -68,6 +68,11 @@ def _check_keywords(name: str, fn: Callable, kwargs: dict) -> dict:
     return kwargs
 
 
+def model_module(name: str) -> str:
+    """The module that registered model ``name`` (to import again where the model is loaded)."""
+    return getattr(_MODELS[name], "__module__", None) or "?"
+
+
 def takes_keyword(name: str, key: str) -> bool:
     """Whether the registered factory ``name`` accepts the keyword ``key`` (by name or through ``**kwargs``)."""
     try:
@@ -86,17 +91,17 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else (
-            "; see hydranets.list_models() (a model of your own: import the module that registers it, or name it "
-            "in model.modules)")
+        hint = (f"; did you mean {', '.join(close)}?" if close else "; see hydranets.list_models()") + (
+            " (a model of your own: import the module that registers it, or name it in model.modules)")
         raise HydraError(f"unknown model {name!r}{hint}")
     if not is_whole(num_classes):
         raise HydraError(f"num_classes must be a positive integer, got {num_classes!r}")
     fn = _MODELS[name]
     checked = _check_keywords(name, fn, {"num_classes": num_classes, **kwargs})
     model = fn(**checked)
-    if isinstance(model, nn.Module):  # how it was made, so that hydranets.save_model can record it
-        kw = {k: v for k, v in checked.items() if k != "num_classes"}
-        model.hydranets_info = {"name": name, "kwargs": kw, "num_classes": num_classes,
-                                "in_chans": getattr(model, "in_chans", kw.get("in_chans", 3)), "hydra": None}
+    if not isinstance(model, nn.Module):
+        raise HydraError(f"model {name!r}: its factory {fn.__name__} returned {type(model).__name__}, not an nn.Module")
+    kw = {k: v for k, v in checked.items() if k != "num_classes"}  # how it was made, for hydranets.save_model
+    model.hydranets_info = {"name": name, "kwargs": kw, "num_classes": num_classes,
+                            "in_chans": getattr(model, "in_chans", kw.get("in_chans", 3)), "hydra": None}
     return model

@@ -37,7 +37,7 @@ def saved_config(out: Path) -> Config | None:
 
 
 # What a folder of each kind holds at its top: `hydranets train` and `hydranets pipeline` refuse each other's folders.
-RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "model.safetensors")
+RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "model.safetensors", ".replaced-run")
 PIPELINE_FILES = ("baseline", "hydranet", "partition.json", "eval.json")
 
 
@@ -64,6 +64,10 @@ def check_run_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None
     finished, started = (out / "summary.json").exists(), (out / CHECKPOINT).exists()
     if overwrite:
         return
+    if (out / REPLACED).exists() and not started:
+        raise HydraError(f"{out} holds a run that an --overwrite set aside in {out / REPLACED} and was killed before "
+                         f"its first checkpoint: to keep that run, move the files in {REPLACED} back into {out} "
+                         "(replacing those there); to drop it, train with --overwrite again")
     if resume:
         old = saved_config(out)
         if old is not None:

@@ -112,12 +112,15 @@ def _subset(ds, n: int, seed: int):
 
 def import_modules(modules: list[str]) -> None:
     """Import ``model.modules``, where a user's own models register themselves, from the usual import path or the
-    current folder; a run records them, so loading it later imports them again."""
+    current folder (which then stays importable, as under ``python -m``, for what their factories import later); a
+    run records them, so loading it later imports them again."""
     if not (isinstance(modules, list) and all(isinstance(m, str) and m for m in modules)):
         raise HydraError(f"model.modules must be a list of module names, e.g. [mynets], got {modules!r}")
     for name in modules:
-        added = "" not in sys.path and os.getcwd() not in sys.path
-        if added:
+        if name.endswith(".py") or "/" in name or "\\" in name or name.startswith("."):
+            raise HydraError(f"model.modules takes module names, not files: give "
+                             f"{Path(name).stem if name.endswith('.py') else 'its name'} (run from its folder)")
+        if modules and "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
             importlib.import_module(name)
@@ -128,9 +131,6 @@ def import_modules(modules: list[str]) -> None:
             raise HydraError(f"model.modules: importing {name!r} failed: {reason(e)}") from None
         except Exception as e:  # noqa: BLE001 - the user's module: its own error, on one line
             raise HydraError(f"model.modules: importing {name!r} failed: {type(e).__name__}: {reason(e)}") from None
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
 
 
 def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
@@ -151,6 +151,11 @@ def model_info(cfg: Config, num_classes: int, in_chans: int) -> dict:
 def build_model(info: dict, partition: Partition | None = None, topk: int = 1) -> nn.Module:
     """A backbone or HydraNet from :func:`model_info` (a HydraNet preset keeps its own k and takes ``partition``)."""
     kwargs = dict(info["kwargs"])
+    if not is_model(info["name"]):
+        create_model(info["name"])  # the unknown-model error, with its hint at model.modules
+    if kwargs.get("in_chans", info["in_chans"]) != info["in_chans"]:
+        raise HydraError(f"model.kwargs has in_chans={kwargs['in_chans']}, but these images have {info['in_chans']} "
+                         "channel(s); leave in_chans out (it follows the data)")
     if takes_keyword(info["name"], "in_chans"):
         kwargs["in_chans"] = info["in_chans"]
     elif info["in_chans"] != 3:
@@ -248,7 +253,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     checkpoint dict (for safetensors: the weights and the metadata written with them)."""
     file = resolve_checkpoint(path)
     ckpt = load_safetensors(file) if file.suffix == ".safetensors" else load_checkpoint(file)
-    import_modules(ckpt.get("config", {}).get("model", {}).get("modules", []))
+    import_modules(ckpt.get("config", {}).get("model", {}).get("modules", []) or ckpt.get("modules", []))
     info = ckpt["model_info"]
     part = Partition.from_dict(ckpt["partition"]) if ckpt.get("partition") else None
     topk = ckpt.get("topk", ckpt.get("config", {}).get("hydra", {}).get("topk", 1))
@@ -445,7 +450,8 @@ def _train(cfg: Config, rt: distributed.Runtime, resume: bool, overwrite: bool) 
             if epoch + 1 in t.keep_epochs:
                 atomic_save(ckpt, out / kept_checkpoint(epoch + 1))
             atomic_save(ckpt, out / CHECKPOINT)
-            settle_replaced(out, succeeded=True)
+            if overwrite:
+                settle_replaced(out, succeeded=True)
             if writer is not None:
                 for k, v in row.items():
                     if isinstance(v, (int, float)):
