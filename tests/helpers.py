@@ -82,3 +82,16 @@ def tiny_hydra_and_control():
     control = create_model("resnet_cifar", num_classes=10, depth=8, width=0.5).eval()
     x, y = torch.randn(60, 3, 16, 16), torch.arange(60) % 10
     return hydra, control, [(x[:32], y[:32]), (x[32:], y[32:])], x, y
+
+
+def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random batch-norm statistics and affines, as training leaves them (fresh ones are the identity); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()

@@ -9,18 +9,7 @@ import torch.nn as nn
 
 from hydranets import build_hydranet, create_model, fold_batchnorms
 from hydranets.hydranet import ghost_branch_norms
-
-
-def _trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random batch-norm statistics and affines, as training leaves them (fresh ones are the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
+from helpers import trained_looking
 
 
 def _count(model: nn.Module, kind: type) -> int:
@@ -38,7 +27,7 @@ def _count(model: nn.Module, kind: type) -> int:
 ])
 def test_folded_backbones_compute_the_same_logits(name, kwargs, size, pairs):
     torch.manual_seed(0)
-    model = _trained_looking(create_model(name, num_classes=10, **kwargs))
+    model = trained_looking(create_model(name, num_classes=10, **kwargs))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded, count = fold_batchnorms(model)
     x = torch.randn(6, 3, size, size)
@@ -52,7 +41,7 @@ def test_folded_backbones_compute_the_same_logits(name, kwargs, size, pairs):
 
 
 def test_folded_resnet_has_no_batch_norm_left_and_runs_channels_last():
-    model = _trained_looking(create_model("resnet_cifar", num_classes=10, depth=8, width=0.5))
+    model = trained_looking(create_model("resnet_cifar", num_classes=10, depth=8, width=0.5))
     folded, _ = fold_batchnorms(model)
     assert _count(folded, nn.BatchNorm2d) == 0
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -66,7 +55,7 @@ def test_folded_hydranet_routes_and_scores_as_before(kwargs):
     model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=2, depth=8, width=0.5, shared_path=True,
                            partition=[[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], **kwargs)
     ghost_branch_norms(model.branches, 4)  # evaluation-time plain batch norms: folded like the others
-    model = _trained_looking(model, seed=1)
+    model = trained_looking(model, seed=1)
     with torch.no_grad():
         model.shared.weight.normal_()
     folded, count = fold_batchnorms(model)
@@ -89,7 +78,7 @@ def test_batch_norm_without_running_statistics_is_left_alone():
 
 def test_compare_speed_times_each_model_folded_once(monkeypatch):
     import hydranets.cost as cost
-    model = _trained_looking(create_model("resnet_cifar", num_classes=10, depth=8, width=0.5))
+    model = trained_looking(create_model("resnet_cifar", num_classes=10, depth=8, width=0.5))
     folds, timed = [], []
 
     def spy(m):
@@ -111,7 +100,7 @@ def test_compare_speed_times_each_model_folded_once(monkeypatch):
 def test_folded_hydranet_with_shared_branch_weights_keeps_its_outputs_when_moved():
     torch.manual_seed(0)
     model = build_hydranet("resnet_cifar", 10, num_branches=3, topk=2, depth=8, width=0.5, share_branch_weights=True)
-    model = _trained_looking(model, seed=1)
+    model = trained_looking(model, seed=1)
     folded, _ = fold_batchnorms(model)
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
@@ -125,8 +114,8 @@ def test_folded_hydranet_with_shared_branch_weights_keeps_its_outputs_when_moved
 def test_pairs_with_forward_hooks_are_not_folded():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
-    spectral = _trained_looking(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(4, 6, 3)), nn.BatchNorm2d(6)))
-    hooked = _trained_looking(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5)))
+    spectral = trained_looking(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(4, 6, 3)), nn.BatchNorm2d(6)))
+    hooked = trained_looking(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5)))
     hooked[0].register_forward_hook(lambda m, inputs, out: 2 * out)  # on the conv's output, before its batch norm
     seen = []
     hooked[3].register_forward_hook(lambda m, inputs, out: seen.append(out))  # the batch norm's output
@@ -151,12 +140,12 @@ class _Residual(nn.Sequential):
         return x + super().forward(x)
 
 
-def test_sequential_subclasses_are_folded_only_where_they_keep_sequentials_forward():
+def test_sequential_subclasses_with_a_forward_of_their_own_are_folded_as_their_trace_shows():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
-    plain = _trained_looking(nn.Sequential(_ConvNorm(4, 6), _ConvNorm(6, 4)))
-    odd = _trained_looking(nn.Sequential(_Residual(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.ReLU()))
-    for model, pairs in ((plain, 2), (odd, 0)):  # a forward of its own could use its layers in any way: left alone
+    plain = trained_looking(nn.Sequential(_ConvNorm(4, 6), _ConvNorm(6, 4)))
+    odd = trained_looking(nn.Sequential(_Residual(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.ReLU()))
+    for model, pairs in ((plain, 2), (odd, 1)):  # its own forward (x + bn(conv(x))): torch.fx shows the pair
         folded, count = fold_batchnorms(model)
         with torch.no_grad():
             assert count == pairs and torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,50 @@ def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fuse_conv_bn_eval(copy.deepcopy(conv).float(), copy.deepcopy(bn).float()).to(dtype)
 
 
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``conv`` then ``bn`` may become one convolution: a plain Conv2d, a BatchNorm2d with running
+    statistics, neither with forward hooks."""
+    return (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+            and not _hooked(conv) and not _hooked(bn))
+
+
+def _fold_traced(module: nn.Module, shared: set[int]) -> int:
+    """Fold the pairs that ``module``'s forward, traced by torch.fx, shows to be a conv whose output only a batch
+    norm reads, each called once, neither in ``shared`` (ids of modules registered under several names) nor
+    read as tensors. Where the forward does not trace, its children's are tried. Returns how many."""
+    try:
+        nodes = list(torch.fx.symbolic_trace(module).graph.nodes)
+    except Exception:  # noqa: BLE001  (any forward torch.fx cannot follow: look inside instead)
+        return sum(_fold_traced(child, shared) for child in module.children())
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    read = [n.target for n in nodes if n.op == "get_attr"]
+    count = 0
+    for node in nodes:
+        bn_node = next(iter(node.users), None)
+        if (node.op != "call_module" or len(node.users) != 1 or bn_node.op != "call_module"
+                or len(bn_node.args) != 1 or bn_node.args[0] is not node or bn_node.kwargs):
+            continue
+        names = (node.target, bn_node.target)
+        conv, bn = (module.get_submodule(name) for name in names)
+        if (_foldable(conv, bn) and all(calls[name] == 1 for name in names) and id(conv) not in shared
+                and id(bn) not in shared and not any(r.startswith(n + ".") for r in read for n in names)):
+            for name, new in zip(names, (_fuse(conv, bn), nn.Identity())):
+                parent, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(parent), attr, new)
+            count += 1
+    return count
+
+
 def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode in which every ``Conv2d`` that a ``BatchNorm2d`` directly follows
-    (in a Sequential or a subclass keeping its forward, nested ones included) is replaced by one
-    convolution computing both; the batch norm becomes an identity. Returns the copy and how many pairs
-    were folded.
+    is replaced by one convolution computing both; the batch norm becomes an identity under the same name.
+    Returns the copy and how many pairs were folded.
+
+    Pairs are found in Sequentials (or subclasses keeping their forward, nested ones included) and, with
+    torch.fx, in the forward of each outermost module that traces (HydraNet's routing does not: its parts are
+    traced instead). There a conv folds when the batch norm alone reads its output, each is called once and
+    registered under one name, and nothing reads their tensors directly; modules are assumed to be called
+    only by their parents' forwards.
 
     The copy computes the same function as ``model.eval()`` (to float rounding) and is for inference
     only: training it would train the folded weights, not the batch norms. Batch norms after a
@@ -65,11 +105,12 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int]:
     for seq in [m for m in folded.modules() if _in_order(m)]:
         layers = _layers(seq)
         for (conv_parent, conv_name, conv), (bn_parent, bn_name, bn) in zip(layers, layers[1:]):
-            if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-                    and not _hooked(conv) and not _hooked(bn)):
+            if _foldable(conv, bn):
                 setattr(conv_parent, conv_name, _fuse(conv, bn))
                 setattr(bn_parent, bn_name, nn.Identity())
                 count += 1
+    names = Counter(id(m) for _, m in folded.named_modules(remove_duplicate=False))
+    count += _fold_traced(folded, {i for i, n in names.items() if n > 1})
     for m in folded.modules():
         if isinstance(m, HydraNet) and count:  # each branch's convolutions now hold its own batch norms: untied
             m.tied_norms = None
