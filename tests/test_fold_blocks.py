@@ -1,16 +1,15 @@
 """Batch norms folded where a hand-written forward, traced by torch.fx, shows a conv feeding only its batch norm."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-import hydranets
 from hydranets import build_hydranet, fold_batchnorms
-from helpers import trained_looking
+from helpers import load_benchmark, trained_looking
+
+net_module = load_benchmark("fold_blocks_speed")
+Block, mobile_net = net_module.Block, net_module.mobile_net
 
 
 def _bns(model: nn.Module) -> int:
@@ -20,53 +19,6 @@ def _bns(model: nn.Module) -> int:
 def _same(folded: nn.Module, model: nn.Module, *xs: torch.Tensor) -> bool:
     with torch.no_grad():
         return all(torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5) for x in xs)
-
-
-class Block(nn.Module):
-    """An inverted residual block as users write it: pointwise, depthwise, projection, each with its batch norm."""
-
-    def __init__(self, c: int, affine: bool = True) -> None:
-        super().__init__()
-        self.pw = nn.Conv2d(c, 4 * c, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4 * c, affine=affine)
-        self.dw = nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c, bias=False)
-        self.bn2 = nn.BatchNorm2d(4 * c)
-        self.pj = nn.Conv2d(4 * c, c, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bn3(self.pj(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.pw(x))))))))
-
-
-def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
-
-
-@dataclass
-class MobilePlan:
-    """A MobileNet-like net for 32x32 input: per stage a (strided) conv-bn, then inverted residual blocks."""
-
-    widths: tuple[int, ...] = (16, 24, 32, 64, 96, 160)
-    blocks: tuple[int, ...] = (1, 2, 3, 3, 3, 2)
-    strides: tuple[int, ...] = (1, 1, 2, 2, 2, 1)
-    in_chans: int = 3
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.widths)
-
-    def build(self, index: int, in_channels: int, width: float) -> tuple[nn.Module, int]:
-        c = hydranets.scaled(self.widths[index], width)
-        stage = [conv_bn(in_channels, c, self.strides[index])] + [Block(c) for _ in range(self.blocks[index])]
-        return nn.Sequential(*stage), c
-
-    def build_final(self, channels: int) -> nn.Module:
-        return nn.Identity()
-
-
-def mobile_net(num_classes: int = 10) -> hydranets.Backbone:
-    """48 batch norms: 6 after a Sequential's conv, 42 in the 14 blocks."""
-    return hydranets.Backbone(MobilePlan(), num_classes)
 
 
 def test_hand_written_blocks_fold():
