@@ -3,11 +3,10 @@
 Wide networks of class-specialised branches, of which only the top-k chosen by a gate run per image.
 """
 from . import models  # noqa: F401  (registers the backbone families)
-from .checkpoint import save_model
 from .errors import HydraError
 from .export import export_model, load_exported
 from .hydranet import HydraNet, HydraOutput, build_hydranet
-from .inference import fold_batchnorms, load_model, predict
+from .inference import fold_batchnorms, load_model, predict, save_model
 from .models import Backbone, StagePlan
 from .models.backbone import scaled
 from .partition import Partition

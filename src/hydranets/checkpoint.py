@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .errors import HydraError, is_whole
+from .errors import HydraError
 
 CHECKPOINT = "checkpoints/last.pt"
 
@@ -164,125 +163,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise HydraError(f"{path} holds no run itself but runs in its folders: give one of "
                              f"{', '.join(str(p) for p in runs[:4])}{', ...' if len(runs) > 4 else ''}")
     return path / CHECKPOINT if path.is_dir() else path
-
-
-def save_model(model: nn.Module, path: str | Path, *, image_size: int | tuple[int, int],
-               class_names: list[str] | None = None, mean: float | list[float] | None = None,
-               std: float | list[float] | None = None) -> Path:
-    """Save a model made by :func:`~hydranets.create_model` or :func:`~hydranets.build_hydranet` (by a registered
-    name) and trained in a loop of your own as a ``model.safetensors`` that :func:`~hydranets.load_model` and
-    ``hydranets predict`` / ``export`` load back: its weights, how it was built (a HydraNet's ``topk`` and subtasks
-    included) and what it expects of an image.
-
-    ``path``: a file ending in ``.safetensors``, or a folder (``model.safetensors`` inside, made if missing).
-    ``image_size``: the side (or ``(height, width)``) of the images it was trained on; image files are resized and
-    centre-cropped to that. ``class_names``: one per class (default: a HydraNet's subtasks' names, else ``"0"``,
-    ``"1"``, ...). ``mean``/``std``: per channel (or one for all), of pixel values in 0..1, as the training images
-    were normalised (default 0 and 1: pixels scaled to 0..1 only). Written atomically; returns the file's path.
-    Bad input is one :class:`HydraError`, before anything is written.
-    """
-    from .data.inputs import InputSpec
-    from .hydranet import HydraNet
-    from .partition import Partition
-    from .registry import model_module, takes_keyword
-    from .train import build_model
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or \
-            isinstance(getattr(model, "_orig_mod", None), nn.Module):  # DDP, torch.compile: the model they wrap
-        model = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
-            else model._orig_mod
-    info = getattr(model, "hydranets_info", None) if isinstance(model, nn.Module) else None
-    if not isinstance(info, dict):
-        raise HydraError(f"save_model saves models made by hydranets.create_model or hydranets.build_hydranet from a "
-                         f"registered model name; this {type(model).__name__} was not (built from a Backbone object, "
-                         "by hand, or wrapped): build it by name, or save its state_dict yourself")
-    info = {**info, "kwargs": dict(info["kwargs"])}
-    hydra = model if isinstance(model, HydraNet) else None
-    partition = hydra.partition if hydra is not None else None
-    if hydra is not None and info["hydra"] is None:  # a preset: its k and subtasks as they are now, not as built
-        info["kwargs"].pop("partition", None)
-        if takes_keyword(info["name"], "topk"):
-            info["kwargs"]["topk"] = hydra.topk
-    num_classes, in_chans = info["num_classes"], info["in_chans"]
-
-    if class_names is None:
-        class_names = (partition.class_names if partition is not None and partition.class_names
-                       else [str(i) for i in range(num_classes)])
-    if isinstance(class_names, str) or not hasattr(class_names, "__len__") or len(class_names) != num_classes:
-        got = f"{len(class_names)} names" if hasattr(class_names, "__len__") and not isinstance(class_names, str) \
-            else repr(class_names)
-        raise HydraError(f"class_names must list one name per class: this model has {num_classes} classes, got {got}")
-    stats = {}
-    for what, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
-        given = default if value is None else value
-        try:
-            value = [float(given)] * in_chans if isinstance(given, (int, float)) else [float(v) for v in given]
-        except (TypeError, ValueError):
-            value = None
-        if value is None or len(value) != in_chans or not all(math.isfinite(v) for v in value) or (
-                what == "std" and min(value) <= 0):
-            raise HydraError(f"{what} must be {in_chans} finite number(s){' above 0' if what == 'std' else ''}, one "
-                             f"per input channel of this model (or one for all), got {given!r}")
-        stats[what] = value
-    size = (image_size, image_size) if is_whole(image_size) else (
-        tuple(image_size) if isinstance(image_size, (tuple, list)) else ())
-    if len(size) != 2 or not all(is_whole(s) for s in size):
-        raise HydraError(f"image_size must be the side of the images this model takes, or (height, width), as "
-                         f"positive integers, got {image_size!r}")
-    height, width = size
-    spec = InputSpec([str(c) for c in class_names], stats["mean"], stats["std"], width, width,
-                     None if height == width else height)
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        if path.suffix and not path.is_dir():
-            raise HydraError(f"save_model writes safetensors: give a file name ending in .safetensors or a folder, "
-                             f"got {path}")
-        path = path / "model.safetensors"
-    if (path.parent / CHECKPOINT).exists():
-        raise HydraError(f"{path.parent} is a run folder of hydranets train (it holds {CHECKPOINT}), whose model "
-                         "this would replace; save elsewhere")
-    from .run_folder import PIPELINE_FILES, holds
-    if holds(path.parent, PIPELINE_FILES):
-        raise HydraError(f"{path.parent} is a pipeline folder (it holds {', '.join(holds(path.parent, PIPELINE_FILES))}"
-                         "); save elsewhere")
-    module = model_module(info["name"])
-    if module == "__main__":
-        raise HydraError(f"cannot save this {info['name']} model: its factory is defined in __main__ (a script or "
-                         "notebook), which no later process can import; move it into a module (e.g. mynets.py) and "
-                         "import it from there")
-    check_writable(path)
-
-    meta = {"model_info": info, "topk": hydra.topk if hydra is not None else None,
-            "modules": [] if module.split(".")[0] == "hydranets" else [module],
-            "partition": partition.to_dict() if partition is not None else None, "inputs": spec.to_dict()}
-    for key, value in info["kwargs"].items():
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            raise HydraError(f"cannot save this {info['name']} model: its setting {key}={value!r} cannot be stored "
-                             "(only numbers, strings, lists and dicts can); build it with plain values") from None
-    meta = json.loads(json.dumps(meta))  # as load_model will read it (tuples become lists)
-
-    # Rebuild it from what is recorded (on the meta device: shapes only, no memory) and compare: a model folded or
-    # changed after it was built would be saved but not load.
-    part = Partition.from_dict(meta["partition"]) if meta["partition"] else None
-    with torch.random.fork_rng(devices=[]):  # the caller's random state, untouched
-        try:
-            try:
-                with torch.device("meta"):
-                    rebuilt = build_model(meta["model_info"], part, topk=meta["topk"])
-            except Exception:  # noqa: BLE001 - a factory that cannot build on the meta device: build it for real
-                rebuilt = build_model(meta["model_info"], part, topk=meta["topk"])
-        except Exception as e:  # noqa: BLE001
-            raise HydraError(f"cannot save this model: {info['name']!r} with its recorded settings cannot be built "
-                             f"again ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if mine != theirs or (hydra is not None and getattr(rebuilt, "topk", None) != hydra.topk):
-        key = next((k for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)), "topk")
-        detail = (f"topk {hydra.topk}, built again {getattr(rebuilt, 'topk', None)}" if key == "topk" else
-                  f"{key}: {mine.get(key, 'absent')} here, {theirs.get(key, 'absent')} built again")
-        raise HydraError(f"cannot save this model: it no longer matches {info['name']!r} as built ({detail}); save "
-                         "it as built, not folded or with layers replaced")
-    save_safetensors(model, path, meta)
-    return path

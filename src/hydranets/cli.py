@@ -12,18 +12,13 @@ from .errors import HydraError
 
 
 def output_file(path: str | None, flag: str) -> Path | None:
-    """The file an option names for output, checked before the work (not after it): not a folder, and its missing
-    folders can be made (where the nearest existing one is a folder), and a file can be written there."""
+    """The file an option names for output, checked before the work (not after it): not a folder, and a file can be
+    written there (:func:`~hydranets.checkpoint.check_writable`)."""
     if path is None:
         return None
     out = Path(path)
     if out.is_dir():
         raise HydraError(f"{flag} {path} is a folder; give a file name, e.g. {out / 'out.json'}")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise HydraError(f"{flag} {path}: {parent} is a file, not a folder; give another path")
     try:
         check_writable(out)
     except HydraError as e:

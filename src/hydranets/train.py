@@ -120,7 +120,7 @@ def import_modules(modules: list[str]) -> None:
         if name.endswith(".py") or "/" in name or "\\" in name or name.startswith("."):
             raise HydraError(f"model.modules takes module names, not files: give "
                              f"{Path(name).stem if name.endswith('.py') else 'its name'} (run from its folder)")
-        if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
             importlib.import_module(name)
